@@ -1,0 +1,29 @@
+"""davit: DaViT (Dual Attention Vision Transformers), exact to the official code, fast, with every checkpoint format.
+
+Quick use::
+
+    import davit
+    model = davit.create_model("davit_tiny", pretrained=True).eval()
+    logits = model(images)  # (B, 1000)
+"""
+
+from __future__ import annotations
+
+from .factory import create_model
+from .models import DaViT, DaViTConfig, count_params, list_models
+from .weights import CheckpointError, convert_state_dict, list_weights, load_checkpoint
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "DaViT",
+    "DaViTConfig",
+    "__version__",
+    "convert_state_dict",
+    "count_params",
+    "create_model",
+    "list_models",
+    "list_weights",
+    "load_checkpoint",
+]

@@ -1,0 +1,124 @@
+"""The ``davit`` command: argv -> one typed library call per subcommand. No logic lives here.
+
+User errors (bad path, wrong checkpoint, bad config) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+Handler = Callable[[argparse.Namespace], int | None]
+
+
+# ---------------------------------------------------------------------------------------------------- model zoo (#2)
+def _add_zoo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="the model zoo: params, GMACs, reported top-1")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--img-size", type=int, default=None, help="count GMACs at this input size (default: each model's)")
+    p.set_defaults(func=_models)
+
+    p = sub.add_parser("convert", help="convert any DaViT checkpoint to a safetensors file with its config")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--model", required=True, help="zoo name, e.g. davit_tiny")
+    p.add_argument("--source", default="auto", help="checkpoint layout (default: detect)")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("info", help="describe a checkpoint: format, model, params")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_info)
+
+
+def _models(a: argparse.Namespace) -> None:
+    from .models.flops import zoo_table
+
+    rows = zoo_table(img_size=a.img_size)
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'name':<16}{'params':>15}{'GMACs':>10}{'img':>6}{'top1':>7}")
+    for r in rows:
+        top1 = f"{r['top1']:.1f}" if r["top1"] is not None else "-"
+        print(f"{r['name']:<16}{r['params']:>15,}{r['gmacs']:>10.2f}{r['img_size']:>6}{top1:>7}")
+
+
+def _convert(a: argparse.Namespace) -> None:
+    from .weights.tools import convert_file
+
+    out = convert_file(a.src, a.dst, a.model, source=a.source)
+    print(f"wrote {out['path']} ({out['model']}, {out['params']:,} params, from a {out['source']} checkpoint)")
+
+
+def _info(a: argparse.Namespace) -> None:
+    from .weights.tools import describe_file
+
+    info = describe_file(a.file)
+    if a.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:>12}: {v}")
+
+
+# ------------------------------------------------------------------------------------ train / eval / predict (#3)
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    del sub  # filled in by its issue
+
+
+# ----------------------------------------------------------------------------------------------- segmentation (#4)
+def _add_seg(sub: argparse._SubParsersAction) -> None:
+    del sub  # filled in by its issue
+
+
+# ------------------------------------------------------------------------------------------------- detection (#4)
+def _add_det(sub: argparse._SubParsersAction) -> None:
+    del sub  # filled in by its issue
+
+
+# ------------------------------------------------------------------------------------ benchmark / export (#5)
+def _add_perf(sub: argparse._SubParsersAction) -> None:
+    del sub  # filled in by its issue
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+_REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_add_zoo, _add_train, _add_seg, _add_det, _add_perf]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``davit`` argument parser."""
+    parser = argparse.ArgumentParser(prog="davit", description="DaViT: models, weights, training, evaluation")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for register in _REGISTRARS:
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``davit`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    from .config import ConfigError
+    from .weights import CheckpointError
+
+    try:
+        rc = args.func(args)
+    except (CheckpointError, ConfigError, FileNotFoundError, NotADirectoryError, KeyError, ValueError) as e:
+        if args.verbose:
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"davit {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"davit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The model zoo: one table of architecture configs, one row per published size.
+
+Huge and Giant use overlapped 3x3 stride-2 downsampling: only that reproduces the paper's 362M / 1437M parameters
+(timm's 2x2 versions have 348.9M / 1406.5M). Large is defined at window 7 (its 224 form); its 384 checkpoint uses
+window 12 (``window_size=12`` override). The ``_fl`` rows are the Florence-2 vision towers (window 12, 3x3
+downsampling, channel attention v2), equal to timm's models of the same names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .davit import DaViTConfig
+
+__all__ = ["MODEL_CONFIGS", "ModelInfo", "get_config", "list_models"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A zoo entry: the config, its default input size, and the paper's (or README's) reported ImageNet top-1."""
+
+    cfg: DaViTConfig
+    img_size: int = 224
+    reported_top1: float | None = None
+    note: str = ""
+
+
+_T = dict(embed_dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24))
+_B = dict(embed_dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32))
+_H = dict(embed_dims=(256, 512, 1024, 2048), num_heads=(8, 16, 32, 64))
+_FL = dict(window_size=12, downsample_kernel=3, channel_attn_v2=True)
+
+MODEL_CONFIGS: dict[str, ModelInfo] = {
+    "davit_tiny": ModelInfo(DaViTConfig(depths=(1, 1, 3, 1), **_T), 224, 82.8),
+    "davit_small": ModelInfo(DaViTConfig(depths=(1, 1, 9, 1), **_T), 224, 84.2),
+    "davit_base": ModelInfo(DaViTConfig(depths=(1, 1, 9, 1), **_B), 224, 84.6),
+    "davit_large": ModelInfo(
+        DaViTConfig(depths=(1, 1, 9, 1), embed_dims=(192, 384, 768, 1536), num_heads=(6, 12, 24, 48)),
+        224,
+        None,
+        "ImageNet-22k pretrained in the paper; published as window 12 @ 384",
+    ),
+    "davit_huge": ModelInfo(
+        DaViTConfig(depths=(1, 1, 9, 1), downsample_kernel=3, **_H), 224, 90.2, "1.5B image-text pretraining"
+    ),
+    "davit_giant": ModelInfo(
+        DaViTConfig(
+            depths=(1, 1, 12, 3),
+            embed_dims=(384, 768, 1536, 3072),
+            num_heads=(12, 24, 48, 96),
+            downsample_kernel=3,
+        ),
+        224,
+        90.4,
+        "1.5B image-text pretraining",
+    ),
+    "davit_base_fl": ModelInfo(DaViTConfig(depths=(1, 1, 9, 1), **_B, **_FL), 768, None, "Florence-2-base tower"),
+    "davit_huge_fl": ModelInfo(DaViTConfig(depths=(1, 1, 9, 1), **_H, **_FL), 768, None, "Florence-2-large tower"),
+}
+
+
+def list_models() -> list[str]:
+    """Names of every model in the zoo."""
+    return list(MODEL_CONFIGS)
+
+
+def get_config(name: str) -> DaViTConfig:
+    """The architecture of zoo model ``name``; an unknown name raises a KeyError listing the valid ones."""
+    try:
+        return MODEL_CONFIGS[name].cfg
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; choose one of {', '.join(MODEL_CONFIGS)}") from None

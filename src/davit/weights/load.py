@@ -1,0 +1,163 @@
+"""``load_checkpoint``: any supported file or state dict -> a DaViT, with readable errors on mismatch."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .convert import ConvertedStateDict, convert_state_dict
+from .io import CheckpointError, read_checkpoint
+
+__all__ = ["LoadReport", "load_checkpoint", "load_state"]
+
+log = logging.getLogger(__name__)
+
+# Keys a checkpoint may lack or carry without it being the wrong file: the classifier and the dense norms depend on
+# how the model was built, not on the backbone the file holds.
+_HEAD = re.compile(r"^head\.")
+_OUT_NORMS = re.compile(r"^out_norms\.")
+
+
+class LoadReport(dict):
+    """What ``load_checkpoint`` did: ``source``, ``loaded``, ``missing``, ``unexpected``, ``reinitialized`` keys."""
+
+    def summary(self) -> str:
+        """One line for logs."""
+        parts = [f"loaded {self['loaded']} tensors from a {self['source']} checkpoint"]
+        for key in ("missing", "unexpected", "reinitialized"):
+            if self[key]:
+                parts.append(f"{key}: {_compact(self[key])}")
+        return "; ".join(parts)
+
+
+def load_state(
+    path_or_state_dict: str | os.PathLike[str] | Mapping[str, Any], source: str = "auto"
+) -> ConvertedStateDict:
+    """Read (if a path) and convert a checkpoint to our layout."""
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        obj = read_checkpoint(path_or_state_dict)
+    else:
+        obj = path_or_state_dict
+    if isinstance(obj, ConvertedStateDict):
+        return obj
+    return convert_state_dict(obj, source)
+
+
+def load_checkpoint(
+    model: nn.Module,
+    path_or_state_dict: str | os.PathLike[str] | Mapping[str, Any],
+    strict: bool = True,
+    reset_head: bool = False,
+    source: str = "auto",
+) -> LoadReport:
+    """Load any supported DaViT checkpoint into ``model``.
+
+    Args:
+        model: a :class:`davit.DaViT` (classifier or ``features_only``).
+        path_or_state_dict: a ``.safetensors`` / ``.pth`` / ``.pth.tar`` / ``.bin`` file, or a state dict in any
+            supported layout. Files are read safely (no arbitrary unpickling).
+        strict: raise if backbone tensors are missing or unexpected. Whatever ``strict`` says, a classifier-only
+            checkpoint loads into a ``features_only`` model (head dropped, dense norms kept fresh) and a dense
+            checkpoint into a classifier (its ``norm0..3`` dropped, the head kept fresh), and both are reported.
+        reset_head: when the checkpoint's class count differs from the model's, keep the model's freshly initialised
+            head instead of raising.
+        source: the checkpoint layout, or "auto".
+
+    Returns:
+        A :class:`LoadReport`.
+
+    Raises:
+        CheckpointError: unreadable file, not DaViT, another size, or a class-count mismatch without ``reset_head``.
+    """
+    sd = load_state(path_or_state_dict, source)
+    own = model.state_dict()
+    name = Path(str(path_or_state_dict)).name if isinstance(path_or_state_dict, (str, os.PathLike)) else "state dict"
+    features_only = bool(getattr(model, "features_only", False))
+
+    incoming = dict(sd)
+    reinit: list[str] = []
+    if features_only:
+        dropped = [k for k in incoming if _HEAD.match(k)]
+        for k in dropped:
+            incoming.pop(k)
+    else:
+        dropped = [k for k in incoming if _OUT_NORMS.match(k)]
+        for k in dropped:
+            incoming.pop(k)
+
+    # Head size: a different class count is a decision, not an accident.
+    fc_w = incoming.get("head.fc.weight")
+    own_fc = own.get("head.fc.weight")
+    if fc_w is not None and (own_fc is None or own_fc.shape != fc_w.shape):
+        ckpt_classes = fc_w.shape[0]
+        model_classes = 0 if own_fc is None else own_fc.shape[0]
+        if not reset_head:
+            raise CheckpointError(
+                f"{name} has a {ckpt_classes}-class head but the model has {model_classes} classes; build the model "
+                f"with num_classes={ckpt_classes}, or pass reset_head=True (CLI: --reset-head) to keep the backbone "
+                "and train a new head"
+            )
+        for k in ("head.fc.weight", "head.fc.bias"):
+            incoming.pop(k, None)
+        reinit += [k for k in own if k.startswith("head.fc.")]
+
+    shape_errors = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in incoming.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    if shape_errors:
+        raise CheckpointError(
+            f"{name} ({sd.source} layout) does not fit this model: {len(shape_errors)} tensors have other shapes, "
+            f"e.g. {'; '.join(shape_errors[:3])}. It is probably a checkpoint of another size: check the model name "
+            "(`davit info FILE` tells which model a file holds)"
+        )
+
+    missing = [k for k in own if k not in incoming]
+    unexpected = [k for k in incoming if k not in own]
+    tolerated = {k for k in missing if (features_only and _OUT_NORMS.match(k)) or _HEAD.match(k)}
+    # Florence-2 towers carry no head norm; a classifier without a head in the file keeps its fresh one.
+    hard_missing = [k for k in missing if k not in tolerated]
+    if strict and (hard_missing or unexpected):
+        raise CheckpointError(
+            f"{name} ({sd.source} layout) does not match the model: "
+            f"{len(hard_missing)} missing ({_compact(hard_missing)}), "
+            f"{len(unexpected)} unexpected ({_compact(unexpected)}). Check the model name and source, or pass "
+            "strict=False to load what matches"
+        )
+    with torch.no_grad():
+        for k, v in incoming.items():
+            if k in own:
+                own[k].copy_(v.to(own[k].dtype))
+    report = LoadReport(
+        source=sd.source,
+        loaded=sum(1 for k in incoming if k in own),
+        missing=missing,
+        unexpected=unexpected + dropped,
+        reinitialized=reinit + [k for k in missing if k in tolerated],
+        extra=list(sd.extra),
+    )
+    log.info(report.summary())
+    return report
+
+
+def _compact(keys: Iterable[str], limit: int = 6) -> str:
+    """Group keys by their first two name parts so a list of 200 keys reads as a few lines."""
+    keys = list(keys)
+    if not keys:
+        return "none"
+    groups: dict[str, int] = {}
+    for k in keys:
+        parts = k.split(".")
+        g = ".".join(parts[:3]) if parts[0] == "stages" else ".".join(parts[:2])
+        groups[g] = groups.get(g, 0) + 1
+    items = [f"{g}.* x{n}" if n > 1 else g for g, n in list(groups.items())[:limit]]
+    more = len(groups) - limit
+    return ", ".join(items) + (f", ... ({more} more groups)" if more > 0 else "")
