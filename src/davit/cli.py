@@ -65,8 +65,13 @@ def _info(a: argparse.Namespace) -> None:
             print(f"{k:>12}: {v}")
 
 
-# ------------------------------------------------------------------------------------ train / eval / predict (#3)
+# ------------------------------------------------------------------------------------------------ training (#3)
 def _add_train(sub: argparse._SubParsersAction) -> None:
+    del sub  # filled in by its issue
+
+
+# -------------------------------------------------------------------------------------------- eval / predict (#3)
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     del sub  # filled in by its issue
 
 
@@ -86,7 +91,14 @@ def _add_perf(sub: argparse._SubParsersAction) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- main
-_REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_add_zoo, _add_train, _add_seg, _add_det, _add_perf]
+_REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_zoo,
+    _add_train,
+    _add_eval,
+    _add_seg,
+    _add_det,
+    _add_perf,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

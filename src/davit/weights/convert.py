@@ -48,7 +48,7 @@ class ConvertedStateDict(dict):
 
 
 def unwrap_state_dict(obj: Mapping[str, Any]) -> dict[str, Any]:
-    """Strip training wrappers: ``{"state_dict": ...}``, ``{"model": ...}`` and ``module.`` / ``_orig_mod.`` prefixes."""
+    """Strip training wrappers: ``{"state_dict": ...}``, ``{"model": ...}``, ``module.`` / ``_orig_mod.`` prefixes."""
     sd: Mapping[str, Any] = obj
     for _ in range(3):
         if any(isinstance(v, Tensor) for v in sd.values()) and not any(k in sd for k in _WRAPPERS):
