@@ -17,7 +17,19 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["ConfigError", "from_dict", "load_config", "merge", "parse_overrides", "save_config", "to_dict"]
+__all__ = [
+    "ConfigError",
+    "LoopConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "SchedConfig",
+    "from_dict",
+    "load_config",
+    "merge",
+    "parse_overrides",
+    "save_config",
+    "to_dict",
+]
 
 T = TypeVar("T")
 
@@ -187,3 +199,145 @@ def save_config(cfg: Any, path: str | os.PathLike[str]) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return p
+
+
+# ------------------------------------------------------------------------------------ sections shared by every task
+# Each task's top-level config (ClsConfig, SegConfig, DetConfig) holds these sections next to its own data section:
+# ``model``, ``data``, ``optim``, ``sched``, ``train``, plus ``out`` and ``resume``.
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Which network to build and from which weights.
+
+    Attributes:
+        name: a zoo name (``davit_tiny`` ... ``davit_giant``), optionally with a weight tag.
+        pretrained: ``""`` for random init, ``"true"`` for the default published weights, a weight tag
+            (``"msft_in1k"``) or a local checkpoint path.
+        num_classes: classifier outputs; ``None`` keeps the weights' count (or the dataset's for classification).
+        reset_head: re-initialise the classifier even when the class count matches (fine-tuning to new classes).
+        overrides: any :class:`davit.DaViTConfig` field, e.g. ``{drop_path_rate: 0.2, window_size: 12}``.
+    """
+
+    name: str = "davit_tiny"
+    pretrained: str = ""
+    num_classes: int | None = None
+    reset_head: bool = False
+    overrides: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer. ``lr`` is for a global batch of ``lr_base_batch`` images and scales linearly (0 = no scaling).
+
+    Attributes:
+        name: ``adamw`` | ``sgd``.
+        lr: learning rate at a global batch of ``lr_base_batch``.
+        lr_base_batch: the global batch ``lr`` refers to; the engine uses ``lr * global_batch / lr_base_batch``.
+        weight_decay: decoupled weight decay.
+        betas: AdamW betas (``betas[0]`` is the SGD momentum).
+        eps: AdamW epsilon.
+        no_decay_norm_bias: no weight decay on norms, biases and other 1-D parameters (and the model's
+            ``no_weight_decay()`` names), as in the official recipe.
+        grad_clip: clip the global gradient norm to this value (0 = off).
+    """
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    lr_base_batch: int = 1024
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    no_decay_norm_bias: bool = True
+    grad_clip: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.name not in ("adamw", "sgd"):
+            raise ValueError(f"optim.name must be adamw or sgd, got {self.name!r}")
+        if self.lr <= 0 or self.lr_base_batch < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("optim.lr must be > 0; lr_base_batch, weight_decay and grad_clip must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedConfig:
+    """Learning-rate schedule, stepped every iteration.
+
+    ``warmup``, ``milestones`` and ``cooldown`` count epochs in epoch-based runs and iterations in iteration-based
+    runs. Cosine decays from the (scaled) lr to ``min_lr`` over the run minus ``cooldown``, then holds ``min_lr``.
+
+    Attributes:
+        name: ``cosine`` | ``step`` | ``poly`` | ``constant``.
+        warmup: linear warmup length from ``warmup_lr``.
+        warmup_lr: the lr at the first step.
+        min_lr: the floor of cosine and poly decays.
+        milestones: where ``step`` multiplies the lr by ``gamma``.
+        gamma: the step factor.
+        power: the poly exponent.
+        cooldown: the tail held at ``min_lr`` (the official recipe runs 300 + 10 epochs).
+    """
+
+    name: str = "cosine"
+    warmup: int = 0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    power: float = 1.0
+    cooldown: int = 0
+
+    def __post_init__(self) -> None:
+        if self.name not in ("cosine", "step", "poly", "constant"):
+            raise ValueError(f"sched.name must be one of cosine, step, poly, constant; got {self.name!r}")
+        if self.warmup < 0 or self.cooldown < 0:
+            raise ValueError("sched.warmup and sched.cooldown must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """The training loop. Exactly one of ``epochs`` and ``iters`` is > 0.
+
+    Attributes:
+        epochs: epoch-based run length.
+        iters: iteration-based run length (optimizer steps).
+        batch_size: images per process per step (the global batch is ``batch_size * world_size * accum_steps``).
+        accum_steps: gradient accumulation steps per optimizer step.
+        amp: ``none`` | ``bf16`` | ``fp16`` autocast (fp16 uses a gradient scaler).
+        channels_last: NHWC memory format for the model and the images.
+        grad_checkpointing: recompute activations in the backward pass to save memory.
+        ema: keep an exponential moving average of the weights (evaluated and saved as the weights when on).
+        ema_decay: EMA decay per optimizer step.
+        eval_every: evaluate every this many epochs (or iterations for iteration-based runs).
+        log_every: a log line every this many iterations.
+        seed: the seed of everything (python, numpy, torch, the sampler).
+        workers: DataLoader worker processes.
+        device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:1`` ...
+        distributed: ``auto`` (DDP under torchrun) | ``none`` | ``ddp`` | ``fsdp``.
+    """
+
+    epochs: int = 0
+    iters: int = 0
+    batch_size: int = 32
+    accum_steps: int = 1
+    amp: str = "none"
+    channels_last: bool = False
+    grad_checkpointing: bool = False
+    ema: bool = False
+    ema_decay: float = 0.9999
+    eval_every: int = 1
+    log_every: int = 50
+    seed: int = 42
+    workers: int = 2
+    device: str = "auto"
+    distributed: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise ValueError(f"train.amp must be none, bf16 or fp16; got {self.amp!r}")
+        if self.distributed not in ("auto", "none", "ddp", "fsdp"):
+            raise ValueError(f"train.distributed must be auto, none, ddp or fsdp; got {self.distributed!r}")
+        if self.epochs < 0 or self.iters < 0 or (self.epochs > 0 and self.iters > 0):
+            raise ValueError("set exactly one of train.epochs and train.iters to a positive number")
+        if self.batch_size < 1 or self.accum_steps < 1 or self.eval_every < 1 or self.log_every < 1:
+            raise ValueError("train.batch_size, accum_steps, eval_every and log_every must be >= 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
