@@ -51,7 +51,7 @@ def _convert(a: argparse.Namespace) -> None:
     from .weights.tools import convert_file
 
     out = convert_file(a.src, a.dst, a.model, source=a.source)
-    print(f"wrote {out['path']} ({out['model']}, {out['params']:,} params, from a {out['source']} checkpoint)")
+    print(f"wrote {out['path']} ({out['model']}, {out['params']:,} params, from {out['source']} layout)")
 
 
 def _info(a: argparse.Namespace) -> None:
@@ -72,7 +72,58 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 # -------------------------------------------------------------------------------------------- eval / predict (#3)
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    del sub  # filled in by its issue
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default=None, help="zoo name, e.g. davit_tiny (optional with --checkpoint)")
+        p.add_argument("--weights", default=None, help="published tag (msft_in1k) or a checkpoint path")
+        p.add_argument("--checkpoint", default=None, help="a davit train output, e.g. runs/x/best.safetensors")
+        p.add_argument("--img-size", type=int, default=None, help="input side (default: the weights' own)")
+        p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+        p.add_argument("--no-optimize", action="store_true", help="run the plain model, not davit.optimize's")
+        p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("eval", help="top-1/top-5 on an ImageFolder with the weights' own preprocessing")
+    model_args(p)
+    p.add_argument("--data", required=True, help="folder with one sub-folder per class (or holding train/ and val/)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"))
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("predict", help="class names and probabilities for image files")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    model_args(p)
+    p.add_argument("--topk", type=int, default=5)
+    p.set_defaults(func=_predict)
+
+
+def _eval(a: argparse.Namespace) -> None:
+    from .engine.evaluate import evaluate_imagefolder
+
+    m = evaluate_imagefolder(
+        a.model, a.data, weights=a.weights, checkpoint=a.checkpoint, batch_size=a.batch_size, img_size=a.img_size,
+        workers=a.workers, device=a.device, amp=a.amp, optimize=not a.no_optimize,
+    )  # fmt: skip
+    if a.json:
+        print(json.dumps(m, indent=2))
+        return
+    print(f"{m['model']} on {m['data']} ({m['images']} images at {m['img_size']}px, {m['skipped']} unreadable skipped)")
+    print(f"top1 {m['top1']:.3f}  top5 {m['top5']:.3f}  loss {m['loss']:.4f}  {m['images_per_second']:.1f} images/s")
+
+
+def _predict(a: argparse.Namespace) -> None:
+    from .engine.predict import predict
+
+    results = predict(
+        a.images, a.model, weights=a.weights, checkpoint=a.checkpoint, topk=a.topk, img_size=a.img_size,
+        device=a.device, optimize=not a.no_optimize,
+    )  # fmt: skip
+    if a.json:
+        print(json.dumps(results, indent=2))
+        return
+    for r in results:
+        print(r["image"])
+        for q in r["predictions"]:
+            print(f"  {q['rank']:>2}. {q['probability']:7.2%}  {q['label']}  ({q['index']})")
 
 
 # ----------------------------------------------------------------------------------------------- segmentation (#4)
