@@ -187,7 +187,7 @@ class ImageFolderDataset(Dataset):
 
     @property
     def num_skipped(self) -> int:
-        """Unreadable images skipped so far (all workers of all epochs)."""
+        """Unreadable-image encounters so far (all workers, all epochs; a bad file counts each time it is met)."""
         return int(self._skipped.item())
 
     def __len__(self) -> int:

@@ -160,7 +160,8 @@ def load_classifier(
     """Build an inference-ready classifier from a zoo name, published weights or a checkpoint file.
 
     Args:
-        model: a zoo name (``davit_tiny``; optional when the checkpoint carries its config) or a ready module.
+        model: a zoo name (``davit_tiny``; optional when the checkpoint carries its config) or a ready module
+            (its ``cfg.num_classes`` or ``num_classes``, optional ``class_names`` and ``pretrained_cfg`` are used).
         weights: a published tag (``msft_in1k`` / ``davit_tiny.msft_in1k``) or a checkpoint path in any layout.
             With neither ``weights`` nor ``checkpoint``, a zoo name loads its default published weights.
         checkpoint: a checkpoint written by ``davit train`` (``best.safetensors``); its metadata gives the
@@ -178,7 +179,9 @@ def load_classifier(
     if weights and checkpoint:
         raise ValueError("pass either --weights or --checkpoint, not both")
     if isinstance(model, nn.Module):
-        net, meta, source = model, dict(getattr(model, "pretrained_cfg", None) or {}), "the given module"
+        net, meta, source = model, dict(getattr(model, "pretrained_cfg", None) or {}), type(model).__name__
+        if getattr(model, "class_names", None) is not None:
+            meta.setdefault("class_names", list(model.class_names))
     else:
         path = checkpoint or (weights if weights and _is_path(weights) else None)
         if path is not None:
@@ -246,9 +249,9 @@ def _is_path(text: str) -> bool:
 
 
 def _num_outputs(model: nn.Module) -> int:
-    cfg = getattr(model, "cfg", None)
-    if cfg is not None and getattr(cfg, "num_classes", None):
-        return int(cfg.num_classes)
+    n = getattr(getattr(model, "cfg", None), "num_classes", None) or getattr(model, "num_classes", None)
+    if n:
+        return int(n)
     raise ValueError("the model has no classifier head (num_classes=0); evaluate or predict with a classifier")
 
 
