@@ -1,8 +1,10 @@
 """The model zoo: one table of architecture configs, one row per published size.
 
 Huge and Giant use overlapped 3x3 stride-2 downsampling: only that reproduces the paper's 362M / 1437M parameters
-(timm's 2x2 versions have 348.9M / 1406.5M). Large is defined at window 7 (its 224 form); its 384 checkpoint uses
-window 12 (``window_size=12`` override). The ``_fl`` rows are the Florence-2 vision towers (window 12, 3x3
+(timm's 2x2 versions have 348.9M / 1406.5M). Large is the official ``DaViT_large_window12_384`` (window 12 at 384;
+timm's ``davit_large`` is the same weights layout at window 7: pass ``window_size=7``). Huge and Giant default to
+512 input with window 16 (one window on the last 16x16 map): that is the only setting found that reproduces the
+GFLOPs the paper lists for them (334 / 1038 G, counted without LayerNorms; see ``flops.py`` and the README). The ``_fl`` rows are the Florence-2 vision towers (window 12, 3x3
 downsampling, channel attention v2), equal to timm's models of the same names.
 """
 
@@ -35,13 +37,16 @@ MODEL_CONFIGS: dict[str, ModelInfo] = {
     "davit_small": ModelInfo(DaViTConfig(depths=(1, 1, 9, 1), **_T), 224, 84.2),
     "davit_base": ModelInfo(DaViTConfig(depths=(1, 1, 9, 1), **_B), 224, 84.6),
     "davit_large": ModelInfo(
-        DaViTConfig(depths=(1, 1, 9, 1), embed_dims=(192, 384, 768, 1536), num_heads=(6, 12, 24, 48)),
-        224,
+        DaViTConfig(depths=(1, 1, 9, 1), embed_dims=(192, 384, 768, 1536), num_heads=(6, 12, 24, 48), window_size=12),
+        384,
         None,
-        "ImageNet-22k pretrained in the paper; published as window 12 @ 384",
+        "ImageNet-22k pretrained in the paper; official entry point DaViT_large_window12_384",
     ),
     "davit_huge": ModelInfo(
-        DaViTConfig(depths=(1, 1, 9, 1), downsample_kernel=3, **_H), 224, 90.2, "1.5B image-text pretraining"
+        DaViTConfig(depths=(1, 1, 9, 1), downsample_kernel=3, window_size=16, **_H),
+        512,
+        90.2,
+        "1.5B image-text pretraining",
     ),
     "davit_giant": ModelInfo(
         DaViTConfig(
@@ -49,8 +54,9 @@ MODEL_CONFIGS: dict[str, ModelInfo] = {
             embed_dims=(384, 768, 1536, 3072),
             num_heads=(12, 24, 48, 96),
             downsample_kernel=3,
+            window_size=16,
         ),
-        224,
+        512,
         90.4,
         "1.5B image-text pretraining",
     ),

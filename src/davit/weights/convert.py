@@ -38,13 +38,21 @@ class ConvertedStateDict(dict):
     Attributes:
         source: the detected (or given) source format.
         extra: tensors that are not part of the backbone/classifier (e.g. detector or segmentation heads), keyed as
-            in the file without the ``backbone.`` prefix handling.
+            in the file.
+        origin: the file name it was read from, for messages.
     """
 
-    def __init__(self, data: Mapping[str, Tensor], source: str, extra: Mapping[str, Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        data: Mapping[str, Tensor],
+        source: str,
+        extra: Mapping[str, Tensor] | None = None,
+        origin: str = "state dict",
+    ) -> None:
         super().__init__(data)
         self.source = source
         self.extra: dict[str, Tensor] = dict(extra or {})
+        self.origin = origin
 
 
 def unwrap_state_dict(obj: Mapping[str, Any]) -> dict[str, Any]:

@@ -141,4 +141,5 @@ def _shares_storage(t: Tensor) -> bool:
 
 def _first_line(e: BaseException) -> str:
     s = str(e).strip().splitlines()
-    return s[0] if s else type(e).__name__
+    line = s[0] if s else type(e).__name__
+    return line.split(". ")[0][:160]

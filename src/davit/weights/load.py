@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .convert import ConvertedStateDict, convert_state_dict
+from .inspect import infer_architecture
 from .io import CheckpointError, read_checkpoint
 
 __all__ = ["LoadReport", "load_checkpoint", "load_state"]
@@ -41,13 +42,13 @@ def load_state(
     path_or_state_dict: str | os.PathLike[str] | Mapping[str, Any], source: str = "auto"
 ) -> ConvertedStateDict:
     """Read (if a path) and convert a checkpoint to our layout."""
+    if isinstance(path_or_state_dict, ConvertedStateDict):
+        return path_or_state_dict
     if isinstance(path_or_state_dict, (str, os.PathLike)):
-        obj = read_checkpoint(path_or_state_dict)
-    else:
-        obj = path_or_state_dict
-    if isinstance(obj, ConvertedStateDict):
-        return obj
-    return convert_state_dict(obj, source)
+        sd = convert_state_dict(read_checkpoint(path_or_state_dict), source)
+        sd.origin = Path(path_or_state_dict).name
+        return sd
+    return convert_state_dict(path_or_state_dict, source)
 
 
 def load_checkpoint(
@@ -78,9 +79,10 @@ def load_checkpoint(
     """
     sd = load_state(path_or_state_dict, source)
     own = model.state_dict()
-    name = Path(str(path_or_state_dict)).name if isinstance(path_or_state_dict, (str, os.PathLike)) else "state dict"
+    name = sd.origin
     features_only = bool(getattr(model, "features_only", False))
 
+    _raise_if_other_size(sd, model, name)
     incoming = dict(sd)
     reinit: list[str] = []
     if features_only:
@@ -148,6 +150,27 @@ def load_checkpoint(
     return report
 
 
+def _raise_if_other_size(sd: ConvertedStateDict, model: nn.Module, name: str) -> None:
+    cfg = getattr(model, "cfg", None)
+    try:
+        arch = infer_architecture(sd)
+    except CheckpointError:
+        return
+    if cfg is not None and (
+        arch["embed_dims"] != list(cfg.embed_dims)
+        or arch["depths"] != list(cfg.depths)
+        or arch["downsample_kernel"] != cfg.downsample_kernel
+    ):
+        held = arch["model"] or "DaViT"
+        raise CheckpointError(
+            f"{name} holds a {held} checkpoint (embed_dims {arch['embed_dims']}, depths {arch['depths']}, "
+            f"{arch['downsample_kernel']}x{arch['downsample_kernel']} downsampling) but the model has embed_dims "
+            f"{list(cfg.embed_dims)}, depths {list(cfg.depths)}, {cfg.downsample_kernel}x{cfg.downsample_kernel}: "
+            f"it is a checkpoint of another size; build the matching model"
+            + (f" (create_model({arch['model']!r}))" if arch["model"] else "")
+        )
+
+
 def _compact(keys: Iterable[str], limit: int = 6) -> str:
     """Group keys by their first two name parts so a list of 200 keys reads as a few lines."""
     keys = list(keys)
@@ -156,7 +179,7 @@ def _compact(keys: Iterable[str], limit: int = 6) -> str:
     groups: dict[str, int] = {}
     for k in keys:
         parts = k.split(".")
-        g = ".".join(parts[:3]) if parts[0] == "stages" else ".".join(parts[:2])
+        g = ".".join(parts[:4]) if parts[0] == "stages" else ".".join(parts[:2])
         groups[g] = groups.get(g, 0) + 1
     items = [f"{g}.* x{n}" if n > 1 else g for g, n in list(groups.items())[:limit]]
     more = len(groups) - limit
