@@ -3,9 +3,10 @@
 Huge and Giant use overlapped 3x3 stride-2 downsampling: only that reproduces the paper's 362M / 1437M parameters
 (timm's 2x2 versions have 348.9M / 1406.5M). Large is the official ``DaViT_large_window12_384`` (window 12 at 384;
 timm's ``davit_large`` is the same weights layout at window 7: pass ``window_size=7``). Huge and Giant default to
-512 input with window 16 (one window on the last 16x16 map): that is the only setting found that reproduces the
-GFLOPs the paper lists for them (334 / 1038 G, counted without LayerNorms; see ``flops.py`` and the README). The ``_fl`` rows are the Florence-2 vision towers (window 12, 3x3
-downsampling, channel attention v2), equal to timm's models of the same names.
+512 input with window 16 (one window on the last 16x16 map): the only setting found that reproduces the GFLOPs the
+paper lists for them (334 / 1038 G, counted without LayerNorms; see ``flops.py`` and the README). The ``_fl`` rows
+are the Florence-2 vision towers (window 12, 3x3 downsampling, channel attention v2), equal to timm's models of the
+same names.
 """
 
 from __future__ import annotations

@@ -10,9 +10,8 @@ from typing import Any
 from torch import Tensor
 
 from ..models import DaViT, DaViTConfig, count_params, get_config
-from .convert import ConvertedStateDict
-from .io import CheckpointError, read_safetensors_metadata, save_safetensors
 from .inspect import infer_architecture
+from .io import read_safetensors_metadata, save_safetensors
 from .load import load_checkpoint, load_state
 
 __all__ = ["convert_file", "describe_file", "infer_architecture"]
