@@ -219,9 +219,7 @@ class SegTask:
     def build_model(self) -> UperNetDaViT:
         """Backbone (optionally pretrained) + heads; SyncBatchNorm in the heads under multi-GPU DDP."""
         model = build_seg_model(self.cfg, self.num_classes)
-        from ...engine.distributed import get_world_size
-
-        if self.cfg.head.sync_bn and get_world_size() > 1 and torch.cuda.is_available():
+        if self.cfg.head.sync_bn and _world_size() > 1 and torch.cuda.is_available():
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return model
 
@@ -269,6 +267,10 @@ class SegTask:
         img, mask = batch["img"], batch["mask"]
         if isinstance(img, list):
             raise ValueError("training batches must hold crops of one size; set data.crop_size")
+        check_labels(mask, self.num_classes)
+        if img.shape[0] < 2 and model.training and _world_size() == 1:
+            # BatchNorm after the PPM's 1x1 pooling sees one value per channel: torch refuses, deep in the head.
+            raise ValueError("train.batch_size must be >= 2: the heads' BatchNorm needs more than one image per step")
         out = model(img)
         loss_seg = seg_loss(out["out"], mask, self.cfg.head.avg_non_ignore)
         losses = {"loss_seg": loss_seg}
@@ -322,16 +324,33 @@ def build_seg_model(cfg: SegConfig, num_classes: int) -> UperNetDaViT:
     return model
 
 
-def seg_loss(logits: Tensor, mask: Tensor, avg_non_ignore: bool = False) -> Tensor:
-    """Pixel cross-entropy with ignore index 255 (float32 logits under AMP)."""
-    k = logits.shape[1]
-    bad = (mask != IGNORE_INDEX) & ((mask < 0) | (mask >= k))
+def check_labels(mask: Tensor, num_classes: int) -> None:
+    """Raise a ValueError naming the offending values if ``mask`` holds labels outside ``0..K-1`` and 255."""
+    bad = (mask != IGNORE_INDEX) & ((mask < 0) | (mask >= num_classes))
     if bool(bad.any()):
-        raise ValueError(f"labels {mask[bad].unique()[:8].tolist()} are outside 0..{k - 1} (255 = ignore)")
+        raise ValueError(
+            f"labels {mask[bad].unique()[:8].tolist()} are outside 0..{num_classes - 1} (255 = ignore); "
+            "check data.num_classes and data.reduce_zero_label"
+        )
+
+
+def seg_loss(logits: Tensor, mask: Tensor, avg_non_ignore: bool = False) -> Tensor:
+    """Pixel cross-entropy with ignore index 255, in float32 (also under AMP).
+
+    mmseg 0.11 (the official code) divides the summed loss by all pixels, ignored ones included; ``avg_non_ignore``
+    divides by the labelled pixels only (mmseg >= 0.23's option).
+    """
+    check_labels(mask, logits.shape[1])
     loss = F.cross_entropy(logits.float(), mask.long(), ignore_index=IGNORE_INDEX, reduction="none")  # (B, H, W)
     if avg_non_ignore:
         return loss.sum() / (mask != IGNORE_INDEX).sum().clamp(min=1)
     return loss.mean()
+
+
+def _world_size() -> int:
+    from ...engine.distributed import get_world_size
+
+    return get_world_size()
 
 
 def _infer_kwargs(ev: SegEvalConfig) -> dict[str, Any]:
