@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from davit.models import DaViT, DaViTConfig
 
 CFG = DaViTConfig(
-    embed_dims=(16, 32, 64, 128), depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=4, num_classes=10
+    embed_dims=(8, 16, 32, 64), depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=4, num_classes=10
 )
 
 
