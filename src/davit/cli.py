@@ -67,7 +67,32 @@ def _info(a: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------------------ training (#3)
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    del sub  # filled in by its issue
+    p = sub.add_parser(
+        "train",
+        help="train from a recipe (also under torchrun -m davit train ... for DDP/FSDP)",
+        description="Train from a YAML recipe: davit train --config configs/cls/digits.yaml --out runs/digits",
+    )
+    p.add_argument("--config", required=True, help="recipe YAML, e.g. configs/cls/digits.yaml")
+    p.add_argument("--out", default=None, help="run folder (default: the recipe's out)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=4 or epochs=4, optim.lr=5e-4")
+    p.set_defaults(func=_train)
+
+
+def _train(a: argparse.Namespace) -> int:
+    import os
+
+    from .engine import NonFiniteLossError
+    from .engine.run import train_from_config
+
+    try:
+        summary = train_from_config(a.config, a.overrides, out=a.out, resume=a.resume)
+    except NonFiniteLossError as e:
+        print(f"davit train: error: {e}", file=sys.stderr)
+        return 3
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps({k: v for k, v in summary.items() if k != "examples"}, indent=2))
+    return 130 if summary.get("interrupted") else 0
 
 
 # -------------------------------------------------------------------------------------------- eval / predict (#3)

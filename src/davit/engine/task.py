@@ -3,6 +3,13 @@
 ``davit.engine.fit(cfg, task)`` owns everything generic (devices, DDP/FSDP, loaders, optimizer, schedule, AMP, EMA,
 checkpoints, logs); a task owns only its model, data, loss and metrics. No Trainer class hierarchy: any object with
 these attributes works.
+
+Optional extras the engine uses when a task has them:
+
+- ``class_names: list[str]``: stored in the ``.safetensors`` header (``class_names``) for ``davit predict``.
+- ``weights_metadata() -> dict``: more header entries (e.g. ``preprocessing``); values are stored as JSON.
+- ``on_fit_end(model, out_dir) -> dict``: called on every rank after training (eval mode, no grad) with the model
+  users get (the EMA when on); its result joins ``summary.json`` (the classification task shows a few predictions).
 """
 
 from __future__ import annotations

@@ -1,0 +1,721 @@
+"""``fit(cfg, task)``: the one training loop of every task, epoch- or iteration-based, on one CPU or many GPUs.
+
+What it owns: devices and DDP/FSDP, loaders with a resumable sampler, the optimizer (no decay on norms/biases, lr
+scaled by the global batch), the per-iteration schedule, AMP, EMA, gradient accumulation and clipping, evaluation,
+checkpoints, logs and curves. A :class:`davit.engine.Task` owns the model, the data, the loss and the metrics.
+
+Outputs in ``cfg.out``: ``config.yaml``, ``log.txt``, ``metrics.jsonl`` (one line per epoch, or per evaluation in
+iteration-based runs), ``summary.json``, ``last.pt`` (full state), ``last.safetensors`` and ``best.safetensors``
+(weights with the model config and class names), ``curves.png``. All written atomically, by rank 0.
+
+Bit-exact resume (CPU): the sampler's order is a function of ``(seed, epoch)``; every sample's augmentation is seeded
+from ``(seed, epoch, index)`` inside the dataset call, independent of workers and of where the run was resumed; the
+main process's python/numpy/torch RNG states (dropout, drop path, mixup) are saved in ``last.pt`` with the model,
+optimizer, schedule, EMA, scaler and position. Killing a run at any point and resuming from its last save therefore
+replays exactly the steps the uninterrupted run took.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+
+from ..config import ConfigError, save_config, to_dict
+from ..weights import atomic_write
+from .checkpoint import (
+    capture_rng,
+    load_training_state,
+    restore_rng,
+    save_training_state,
+    save_weights,
+    weights_metadata,
+)
+from .distributed import (
+    DistInfo,
+    all_gather_object,
+    all_reduce_sum,
+    barrier,
+    cleanup,
+    init_distributed,
+    unwrap,
+    wrap_model,
+)
+from .ema import ModelEMA
+from .optim import build_optimizer, default_param_groups, scaled_lr
+from .schedule import LRSchedule, build_schedule
+from .task import Task
+
+__all__ = ["NonFiniteLossError", "ResumableSampler", "fit", "move_to_device"]
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+# ------------------------------------------------------------------------------------------------------- sampling
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    # hash() of a tuple of ints is not randomised per process (only str/bytes are), so this is stable across runs.
+    return hash((seed, epoch, index)) & 0x7FFFFFFF
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class ResumableSampler(Sampler):
+    """A per-epoch permutation of ``range(n)`` from ``(seed, epoch)``, sharded over ranks, resumable mid-epoch.
+
+    Every rank takes every ``world``-th index of the same permutation, truncated so all ranks get the same count
+    (their steps stay in lockstep). The samples of global step ``k`` are then the same set whatever the number of
+    processes, as long as the global batch is kept: one process with batch ``2B`` sees ``perm[2kB:2(k+1)B]``, two
+    processes with batch ``B`` split exactly those.
+
+    Yields ``(index, sample_seed)`` pairs for :class:`_SeededDataset` (or plain indices with ``with_seed=False``).
+    """
+
+    def __init__(
+        self, n: int, *, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True, with_seed: bool = True
+    ) -> None:
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.shuffle, self.with_seed = shuffle, with_seed
+        self.per_rank = n // world
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Iterate epoch ``epoch`` from its ``start``-th sample (of this rank's shard)."""
+        self.epoch, self.start = epoch, start
+
+    def indices(self) -> list[int]:
+        """This rank's indices of the current epoch, from its start."""
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            perm = torch.randperm(self.n, generator=g).tolist()
+        else:
+            perm = list(range(self.n))
+        return perm[self.rank : self.per_rank * self.world : self.world][self.start :]
+
+    def __iter__(self) -> Iterator[Any]:
+        for i in self.indices():
+            yield (i, _sample_seed(self.seed, self.epoch, i)) if self.with_seed else i
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+
+class _ShardSampler(Sampler):
+    """Evaluation: rank ``r`` takes ``r, r + world, ...``; padded to equal length only under FSDP, whose forward is a
+    collective every rank must join (DDP evaluation stays exact, with no duplicated sample)."""
+
+    def __init__(self, n: int, rank: int, world: int, pad: bool) -> None:
+        self.idx = list(range(rank, n, world))
+        if pad and n > 0:
+            per_rank = math.ceil(n / world)
+            self.idx += self.idx[: per_rank - len(self.idx)] or [0] * (per_rank - len(self.idx))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.idx)
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+
+class _SeededDataset(Dataset):
+    """Seeds python/numpy/torch from the sample's seed before each item, so augmentations do not depend on the
+    worker, the worker count or where a run resumed. In the main process the caller's RNG states are restored."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        if get_worker_info() is not None:
+            _seed_all(seed)
+            return self.dataset[index]
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            _seed_all(seed)
+            return self.dataset[index]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+
+def _worker_init(_: int) -> None:
+    # Ctrl-C reaches the whole process group; workers ignore it so the main process can finish its step and save.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def move_to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
+    """Tensors inside (nested) dicts, lists and tuples to ``device``; 4-D float images NHWC if ``channels_last``."""
+    if isinstance(batch, Tensor):
+        t = batch.to(device, non_blocking=True)
+        if channels_last and t.ndim == 4 and t.is_floating_point():
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t
+    if isinstance(batch, Mapping):
+        return type(batch)({k: move_to_device(v, device, channels_last) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(move_to_device(v, device, channels_last) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device, channels_last) for v in batch)
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------------- state
+@dataclasses.dataclass
+class _Progress:
+    epoch: int = 0  # the epoch being run (0-based)
+    batch: int = 0  # micro-batches of that epoch already consumed by this rank
+    step: int = 0  # optimizer steps done
+    seconds: float = 0.0  # wall-clock of training so far, across resumes
+    train_seconds: float = 0.0  # wall-clock of the train steps alone (for images/s)
+    train_images: int = 0  # images seen by all ranks
+    best: float = -math.inf
+    best_epoch: int = -1
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+class _Stop:
+    """SIGINT/SIGTERM -> a flag the loop checks after each optimizer step (a second Ctrl-C aborts at once)."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Stop:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s received: saving last.pt after this step, then stopping", signal.Signals(signum).name)
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+
+# ------------------------------------------------------------------------------------------------------------ fit
+def fit(cfg: Any, task: Task) -> dict[str, Any]:
+    """Train ``task`` as ``cfg`` says and return the summary (also written to ``cfg.out/summary.json``).
+
+    Args:
+        cfg: a task config with ``optim``, ``sched``, ``train`` (:class:`davit.config.LoopConfig`), ``out`` and
+            ``resume`` (``""``, ``"auto"`` = ``out/last.pt`` if present, or a path).
+        task: the :class:`davit.engine.Task`.
+
+    Returns:
+        The summary: the last evaluation's metrics, ``best_<primary>``, ``epochs``, ``steps``, ``seconds``,
+        ``images_per_second``, ``interrupted``, ...
+
+    Raises:
+        NonFiniteLossError: the loss became NaN/inf (``last.pt`` keeps the last good state).
+        ConfigError: an impossible configuration (dataset smaller than a global batch, bad resume path, ...).
+    """
+    import torch.distributed as dist
+
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    info = init_distributed(cfg.train)
+    try:
+        return _Run(cfg, task, info).run()
+    finally:
+        if info.mode != "none" and owns_group:
+            cleanup()
+
+
+class _Run:
+    def __init__(self, cfg: Any, task: Task, info: DistInfo) -> None:
+        self.cfg, self.task, self.info = cfg, task, info
+        self.tc = cfg.train
+        self.out = Path(cfg.out)
+        self.device = info.device
+        self.p = _Progress()
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def _setup_logging(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        root = logging.getLogger("davit")
+        level = root.level
+        stack.callback(root.setLevel, level)
+        if not self.info.is_main:
+            root.setLevel(logging.WARNING)
+            return stack
+        if root.getEffectiveLevel() > logging.INFO:
+            root.setLevel(logging.INFO)
+        self.out.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(self.out / "log.txt")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        root.addHandler(fh)
+        stack.callback(root.removeHandler, fh)
+        stack.callback(fh.close)
+        return stack
+
+    def _build(self) -> None:
+        tc, info = self.tc, self.info
+        if tc.epochs <= 0 and tc.iters <= 0:
+            raise ConfigError("set train.epochs (epoch-based run) or train.iters (iteration-based run) to a number > 0")
+        if info.mode == "fsdp" and tc.ema:
+            raise ConfigError("train.ema is not supported with train.distributed=fsdp; set train.ema=false")
+        if tc.amp == "fp16" and self.device.type == "cpu":
+            log.warning("train.amp=fp16 on the CPU is slow and rarely supported well; bf16 is the CPU choice")
+        if tc.threads > 0:
+            torch.set_num_threads(tc.threads)
+        # Same seed on every rank while building: identical initial weights (FSDP shards them without a broadcast).
+        _seed_all(tc.seed)
+        model = self.task.build_model()
+        self.n_params = sum(p.numel() for p in model.parameters())
+        if tc.grad_checkpointing:
+            if not hasattr(model, "set_grad_checkpointing"):
+                name = type(model).__name__
+                raise ConfigError(f"{name} has no set_grad_checkpointing(); set train.grad_checkpointing=false")
+            model.set_grad_checkpointing(True)
+        model.to(self.device)
+        if tc.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.ema = ModelEMA(model, tc.ema_decay) if tc.ema else None
+        self.model = wrap_model(model, info)
+        self.raw = unwrap(self.model)
+
+        train_ds, val_ds = self.task.build_datasets()
+        if train_ds is None or len(train_ds) == 0:
+            raise ConfigError("the training set is empty; check the data section")
+        per_step = tc.batch_size * info.world_size
+        if len(train_ds) < per_step * tc.accum_steps:
+            raise ConfigError(
+                f"the training set has {len(train_ds)} items, fewer than one global batch "
+                f"({tc.batch_size} x {info.world_size} processes x {tc.accum_steps} accumulation steps); "
+                "lower train.batch_size or train.accum_steps"
+            )
+        collate = self.task.collate_fn()
+        self.sampler = ResumableSampler(len(train_ds), seed=tc.seed, rank=info.rank, world=info.world_size)
+        self.loader = DataLoader(
+            _SeededDataset(train_ds),
+            batch_size=tc.batch_size,
+            sampler=self.sampler,
+            num_workers=tc.workers,
+            collate_fn=collate,
+            drop_last=True,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=_worker_init,
+            persistent_workers=tc.workers > 0,
+            # An explicit generator: the loader's worker base seed must not draw from the global RNG.
+            generator=torch.Generator().manual_seed(tc.seed),
+        )
+        self.val_loader = None
+        if val_ds is not None and len(val_ds) > 0:
+            self.val_loader = DataLoader(
+                val_ds,
+                batch_size=tc.batch_size,
+                sampler=_ShardSampler(len(val_ds), info.rank, info.world_size, pad=info.mode == "fsdp"),
+                num_workers=tc.workers,
+                collate_fn=collate,
+                pin_memory=self.device.type == "cuda",
+                worker_init_fn=_worker_init,
+                persistent_workers=tc.workers > 0,
+            )
+        self.micro_per_epoch = len(train_ds) // info.world_size // tc.batch_size
+        self.steps_per_epoch = self.micro_per_epoch // tc.accum_steps
+        self.total_steps = tc.epochs * self.steps_per_epoch if tc.epochs else tc.iters
+        self.global_batch = per_step * tc.accum_steps
+
+        groups = self.task.param_groups(self.raw, self.cfg.optim) or default_param_groups(self.raw, self.cfg.optim)
+        self.lr = scaled_lr(self.cfg.optim, self.global_batch)
+        self.optimizer = build_optimizer(groups, self.cfg.optim, self.lr)
+        self.sched: LRSchedule = build_schedule(
+            self.cfg.sched, self.lr, self.total_steps, self.steps_per_epoch if tc.epochs else 1
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.amp == "fp16")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.amp)
+        self.class_names = getattr(self.task, "class_names", None)
+        log.info(
+            "%s: %s params | %d train / %s val items | %d process(es) x batch %d x accum %d = global batch %d | "
+            "lr %.3g (%.3g per %d) | %d steps (%d per epoch) | device %s, amp %s",
+            type(self.raw).__name__,
+            f"{self.n_params:,}",
+            len(train_ds),
+            len(val_ds) if val_ds is not None else 0,
+            info.world_size,
+            tc.batch_size,
+            tc.accum_steps,
+            self.global_batch,
+            self.lr,
+            self.cfg.optim.lr,
+            self.cfg.optim.lr_base_batch,
+            self.total_steps,
+            self.steps_per_epoch,
+            self.device,
+            tc.amp,
+        )
+
+    # --------------------------------------------------------------------------------------------- state I/O
+    def _resume_path(self) -> Path | None:
+        r = self.cfg.resume
+        if not r:
+            return None
+        if r == "auto":
+            p = self.out / "last.pt"
+            if not p.exists():
+                log.info("resume=auto: no %s yet, starting fresh", p)
+                return None
+            return p
+        p = Path(r).expanduser()
+        if p.is_dir():
+            p = p / "last.pt"
+        if not p.exists():
+            raise FileNotFoundError(f"resume checkpoint not found: {p} (use resume=auto to resume only if present)")
+        return p
+
+    def _load(self, path: Path) -> None:
+        state = load_training_state(path)
+        if int(state["steps_per_epoch"]) != self.steps_per_epoch or int(state["total_steps"]) != self.total_steps:
+            raise ConfigError(
+                f"{path} was saved by a run of {state['total_steps']} steps ({state['steps_per_epoch']} per epoch), "
+                f"this config gives {self.total_steps} ({self.steps_per_epoch} per epoch): resume with the same "
+                "data, batch size, processes and length, or start a new run (another out=, no resume)"
+            )
+        if self.info.mode == "fsdp":
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, state["model"], options=opts)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
+        else:
+            self.raw.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            if "ema" not in state:
+                raise ConfigError(f"{path} has no EMA state but train.ema=true; resume with train.ema=false")
+            self.ema.load_state_dict(state["ema"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        pos = state["progress"]
+        self.p = _Progress(**{**pos, "history": list(pos["history"])})
+        ranks = state["ranks"]
+        mine = ranks[self.info.rank] if self.info.rank < len(ranks) else ranks[0]
+        self.acc = {k: torch.tensor(v, dtype=torch.float64) for k, v in mine["acc"].items()}
+        restore_rng(mine["rng"])
+        log.info("resumed from %s at epoch %d, step %d/%d", path, self.p.epoch + 1, self.p.step, self.total_steps)
+
+    def _full_model_state(self, module: nn.Module | None = None) -> dict[str, Tensor]:
+        if module is None and self.info.mode == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.detach().cpu() for k, v in (module or self.raw).state_dict().items()}
+
+    def _weights_state(self) -> dict[str, Tensor]:
+        """The weights users get: the EMA's when EMA is on."""
+        return self._full_model_state(self.ema.module if self.ema is not None else None)
+
+    def _save(self, best: bool = False) -> None:
+        """``last.pt`` + ``last.safetensors`` (+ ``best.safetensors``); collective: every rank calls it."""
+        model_state = self._full_model_state()
+        if self.info.mode == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            optim_state = get_optimizer_state_dict(
+                self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+        else:
+            optim_state = self.optimizer.state_dict()
+        weights = self._weights_state() if self.ema is not None else model_state
+        ranks = all_gather_object({"rng": capture_rng(), "acc": {k: float(v) for k, v in self.acc.items()}})
+        if self.info.is_main:
+            state = {
+                "model": model_state,
+                "optimizer": optim_state,
+                "scheduler": self.sched.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+                "progress": dataclasses.asdict(self.p),
+                "ranks": ranks,
+                "steps_per_epoch": self.steps_per_epoch,
+                "total_steps": self.total_steps,
+                "config": json.dumps(to_dict(self.cfg)),
+            }
+            if self.ema is not None:
+                state["ema"] = self.ema.state_dict()
+            save_training_state(self.out / "last.pt", state)
+            extra = self.task.weights_metadata() if hasattr(self.task, "weights_metadata") else {}  # type: ignore[attr-defined]
+            meta = weights_metadata(self.raw, self.class_names, epoch=self.p.epoch, step=self.p.step, **extra)
+            save_weights(self.out / "last.safetensors", weights, meta)
+            if best:
+                save_weights(self.out / "best.safetensors", weights, meta)
+        barrier()
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def run(self) -> dict[str, Any]:
+        with self._setup_logging():
+            if self.info.is_main:
+                self.out.mkdir(parents=True, exist_ok=True)
+                atomic_write(self.out / "config.yaml", lambda tmp: save_config(self.cfg, tmp))
+            self._build()
+            self.acc: dict[str, Tensor] = {}
+            path = self._resume_path()
+            if path is not None:
+                self._load(path)
+            else:
+                # Different streams per rank for dropout / drop path / mixup after the identical initialisation.
+                _seed_all(self.tc.seed + self.info.rank)
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            with _Stop() as stop, logging_redirect_tqdm():
+                interrupted = self._loop(stop)
+            return self._finish(interrupted, stop.signum)
+
+    def _loop(self, stop: _Stop) -> bool:
+        from tqdm import tqdm
+
+        tc, p = self.tc, self.p
+        bar = tqdm(
+            total=self.total_steps,
+            initial=p.step,
+            disable=not self.info.is_main,
+            dynamic_ncols=True,
+            mininterval=0.5,
+            unit="step",
+        )
+        self.model.train()
+        self._stop, self._stopping = stop, False
+        self._t0, self._sec0 = time.perf_counter(), p.seconds
+        try:
+            while p.step < self.total_steps:
+                self.sampler.set_epoch(p.epoch, start=p.batch * tc.batch_size)
+                remaining = self.steps_per_epoch * tc.accum_steps - p.batch
+                bar.set_description(f"epoch {p.epoch + 1}" + (f"/{tc.epochs}" if tc.epochs else ""))
+                t_steps = time.perf_counter()
+                for batch in itertools.islice(self.loader, remaining):
+                    if not self._micro_step(batch):
+                        continue
+                    p.train_seconds += time.perf_counter() - t_steps
+                    bar.update(1)
+                    if p.step % 10 == 0 or p.step == self.total_steps:
+                        bar.set_postfix(loss=f"{float(self._last_loss):.4f}", lr=f"{self._last_lr:.2e}")
+                    if p.step % tc.log_every == 0:
+                        log.info(
+                            "epoch %d step %d/%d loss %.4f lr %.3e",
+                            p.epoch + 1, p.step, self.total_steps, float(self._last_loss), self._last_lr,
+                        )  # fmt: skip
+                    if self._stopping:
+                        self._tick()
+                        self._save()
+                        return True
+                    if not tc.epochs and (p.step % tc.eval_every == 0 or p.step == self.total_steps):
+                        self._record(evaluate=True)
+                    if p.step >= self.total_steps:
+                        break
+                    t_steps = time.perf_counter()
+                if p.batch >= self.steps_per_epoch * tc.accum_steps:
+                    p.epoch += 1
+                    p.batch = 0
+                    if tc.epochs:
+                        self._record(evaluate=p.epoch % tc.eval_every == 0 or p.epoch == tc.epochs)
+        finally:
+            bar.close()
+        return False
+
+    def _tick(self) -> None:
+        """Bring ``seconds`` up to now (wall-clock across resumes)."""
+        self.p.seconds = self._sec0 + time.perf_counter() - self._t0
+
+    def _micro_step(self, batch: Any) -> bool:
+        """Forward/backward one micro-batch; step the optimizer at the end of an accumulation. True if it stepped."""
+        tc, p = self.tc, self.p
+        k = p.batch % tc.accum_steps
+        if k == 0:
+            self._last_lr = self.sched.apply(self.optimizer)
+            self._nonfinite = torch.zeros((), device=self.device)
+        last = k == tc.accum_steps - 1
+        batch = move_to_device(batch, self.device, tc.channels_last)
+        with self._sync(last), self._autocast():
+            out = self.task.loss_fn(self.model, batch)
+        loss = out["loss"]
+        self._nonfinite += (~torch.isfinite(loss.detach())).float()
+        self.scaler.scale(loss / tc.accum_steps).backward()
+        for name, v in out.items():
+            v = v.detach().float().mean() if isinstance(v, Tensor) else torch.tensor(float(v))
+            key = "train_" + name if not name.startswith("train_") else name
+            self.acc[key] = self.acc.get(key, torch.zeros((), dtype=torch.float64)) + v.cpu().double()
+        self.acc["_n"] = self.acc.get("_n", torch.zeros((), dtype=torch.float64)) + 1
+        self._last_loss = loss.detach()
+        p.batch += 1
+        p.train_images += _batch_len(batch) * self.info.world_size
+        if not last:
+            return False
+        # One collective per step carries both the NaN check and the stop request, so every rank agrees on both.
+        stop = torch.tensor(float(self._stop.signum > 0), device=self.device)
+        flags = all_reduce_sum(torch.stack([self._nonfinite, stop])).tolist()
+        self._stopping = flags[1] > 0
+        if flags[0] > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"the loss is {float(loss):g} at step {p.step + 1} (epoch {p.epoch + 1}, lr {self._last_lr:.3g}); "
+                f"stopped without saving it. The last good state is {self.out / 'last.pt'}: lower optim.lr, set "
+                "optim.grad_clip, or use train.amp=bf16 instead of fp16, then resume with --resume"
+            )
+        if self.cfg.optim.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.sched.step()
+        if self.ema is not None:
+            self.ema.update(self.raw)
+        p.step += 1
+        return True
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def _sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+        if last or self.tc.accum_steps == 1 or self.info.mode == "none":
+            return contextlib.nullcontext()
+        if self.info.mode == "ddp":
+            return self.model.no_sync()  # type: ignore[operator]
+        self.model.set_requires_gradient_sync(False)  # type: ignore[operator]
+        return _ReenableGradSync(self.model)
+
+    # ----------------------------------------------------------------------------------------- evaluate/record
+    def _evaluate(self) -> dict[str, float]:
+        if self.val_loader is None:
+            return {}
+        net = self.ema.module if self.ema is not None else (self.model if self.info.mode == "fsdp" else self.raw)
+        was_training = net.training
+        net.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                metrics = self.task.evaluate(net, self.val_loader)
+        finally:
+            net.train(was_training)
+            self.model.train()
+        return {k: float(v) for k, v in metrics.items()}
+
+    def _record(self, evaluate: bool) -> None:
+        """Close an epoch (or an evaluation interval): reduce the train means, evaluate, log, save."""
+        p = self.p
+        sums = {k: v for k, v in self.acc.items()}
+        keys = sorted(sums)
+        if keys:
+            reduced = all_reduce_sum(torch.stack([sums[k] for k in keys]).to(self.device)).cpu()
+            sums = dict(zip(keys, reduced.tolist()))
+        n = max(sums.pop("_n", 1.0), 1.0)
+        row: dict[str, Any] = {"epoch": p.epoch if self.tc.epochs else p.step / self.steps_per_epoch, "step": p.step}
+        row.update({k: v / n for k, v in sums.items()})
+        row["lr"] = self._last_lr
+        self.acc = {}
+        metrics = self._evaluate() if evaluate else {}
+        row.update(metrics)
+        self._tick()
+        row["seconds"] = round(p.seconds, 3)
+        row["images_per_second"] = round(p.train_images / max(p.train_seconds, 1e-9), 2)
+        p.history.append(row)
+        primary = self.task.primary_metric
+        is_best = primary in metrics and metrics[primary] > p.best
+        if is_best:
+            p.best, p.best_epoch = metrics[primary], row["epoch"]
+        where = f"epoch {p.epoch}/{self.tc.epochs}" if self.tc.epochs else f"step {p.step}/{self.total_steps}"
+        shown = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith("train_") or k in metrics)
+        log.info("%s: %s | lr %.3g | %.1f s", where, shown, row["lr"], p.seconds)
+        self._save(best=is_best)
+        if self.info.is_main:
+            self._write_metrics()
+
+    def _write_metrics(self) -> None:
+        lines = "".join(json.dumps(r) + "\n" for r in self.p.history)
+        atomic_write(self.out / "metrics.jsonl", lambda tmp: Path(tmp).write_text(lines))
+
+    def _finish(self, interrupted: bool, signum: int) -> dict[str, Any]:
+        p = self.p
+        last_eval = next((r for r in reversed(p.history) if self.task.primary_metric in r), {})
+        summary: dict[str, Any] = {
+            k: v for k, v in last_eval.items() if k not in ("epoch", "step", "lr", "seconds", "images_per_second")
+        }
+        summary.update(
+            {
+                "primary_metric": self.task.primary_metric,
+                f"best_{self.task.primary_metric}": p.best if p.best_epoch >= 0 else None,
+                "best_epoch": p.best_epoch if p.best_epoch >= 0 else None,
+                "epochs": p.epoch if self.tc.epochs else round(p.step / self.steps_per_epoch, 3),
+                "steps": p.step,
+                "total_steps": self.total_steps,
+                "seconds": round(p.seconds, 2),
+                "images_per_second": round(p.train_images / max(p.train_seconds, 1e-9), 2),
+                "params": self.n_params,
+                "global_batch": self.global_batch,
+                "lr": self.lr,
+                "world_size": self.info.world_size,
+                "device": str(self.device),
+                "interrupted": interrupted,
+                "out": str(self.out),
+            }
+        )
+        if interrupted:
+            summary["stopped_by"] = signal.Signals(signum).name if signum else "signal"
+            log.warning("stopped at step %d; resume with: davit train --config ... --resume", p.step)
+        elif hasattr(self.task, "on_fit_end"):
+            net = self.ema.module if self.ema is not None else (self.model if self.info.mode == "fsdp" else self.raw)
+            net.eval()
+            with torch.no_grad():
+                summary.update(self.task.on_fit_end(net, self.out) or {})  # type: ignore[attr-defined]
+        if self.info.is_main:
+            atomic_write(self.out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+            if p.history:
+                from .curves import plot_curves
+
+                plot_curves(p.history, self.out / "curves.png", self.task.primary_metric)
+            log.info("summary: %s", json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
+        barrier()
+        return summary
+
+
+class _ReenableGradSync(contextlib.AbstractContextManager):
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+
+def _batch_len(batch: Any) -> int:
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.ndim else 1
+    if isinstance(batch, Mapping):
+        return _batch_len(next(iter(batch.values()))) if batch else 0
+    if isinstance(batch, (list, tuple)) and batch:
+        return _batch_len(batch[0]) if not isinstance(batch[0], (int, float, str)) else len(batch)
+    return 0
