@@ -191,7 +191,8 @@ def load_classifier(
             meta = _checkpoint_metadata(path)
             if not model and "davit_config" not in meta:
                 raise ValueError(f"{path} does not record its architecture: pass --model (e.g. --model davit_tiny)")
-            net = create_model(model or "davit_tiny", pretrained=str(path))
+            # the architecture comes from davit_config; the name only picks the base config for older files
+            net = create_model(model or str(meta.get("model_name") or "davit_tiny"), pretrained=str(path))
             source = str(path)
         else:
             if not model:
