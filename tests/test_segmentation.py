@@ -39,6 +39,15 @@ def micro_model():
     return build_seg_model(micro_cfg(), 5)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Two threads per process oversubscribe a shared 2-core machine (~5x slower); one is the fast choice here.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------------------------------------ model and loss
 def test_forward_shapes_train_and_eval(micro_model):
     x = torch.randn(2, 3, 70, 90)  # not a multiple of 32: the backbone pads, the head resizes back

@@ -35,7 +35,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _shape_pixels(rng: np.random.Generator, cls: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    lo, hi = size // 8, size // 3
+    lo, hi = size // 5, size // 2
     cy, cx = rng.integers(lo, size - lo, 2)
     if cls == 1:
         return disk((cy, cx), rng.integers(lo // 2 + 2, hi // 2 + 3), shape=(size, size))

@@ -465,6 +465,8 @@ def predict_segmentation(
     Returns:
         Per image: ``{"image", "mask", "overlay", "classes": {name: pixel share in percent}}``.
     """
+    if not Path(checkpoint).expanduser().is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
     cfg = _config_for_checkpoint(checkpoint, config)
     model, names = load_seg_model(checkpoint, cfg, device)
     ev = dataclasses.replace(cfg.eval, aug=aug)
