@@ -232,7 +232,72 @@ def _seg_make_synthetic(a: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------------------- detection (#4)
 def _add_det(sub: argparse._SubParsersAction) -> None:
-    del sub  # filled in by its issue
+    det = sub.add_parser("det", help="detection and instance segmentation: Mask R-CNN, RetinaNet (COCO format)")
+    dsub = det.add_subparsers(dest="det_command", required=True)
+    p = dsub.add_parser("train", help="train from a recipe, e.g. configs/det/maskrcnn_davit_tiny_1x_coco.yaml")
+    p.add_argument("--config", required=True, help="recipe YAML")
+    p.add_argument("--out", default=None, help="run folder (default: the recipe's out)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.iters=1000 data.train_ann=...")
+    p.set_defaults(func=_det_train)
+    p = dsub.add_parser("eval", help="COCO box/mask AP of a trained detector on the config's data.val_ann")
+    p.add_argument("--config", required=True, help="the recipe or the run's config.yaml")
+    p.add_argument("--checkpoint", required=True, help="best.safetensors / last.safetensors / last.pt of a run")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_det_eval)
+    p = dsub.add_parser("predict", help="draw detected boxes, labels and masks on PNGs")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--checkpoint", required=True, help="a run's best.safetensors (its config.yaml is read beside it)")
+    p.add_argument("--config", default=None, help="the run's config (default: config.yaml beside the checkpoint)")
+    p.add_argument("--out", default=None, help="folder for the drawings (default: beside each image)")
+    p.add_argument("--score-thr", type=float, default=0.5, help="draw detections scoring at least this")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_det_predict)
+    p = dsub.add_parser("make-synthetic", help="write a COCO-format shapes dataset (squares, discs, triangles)")
+    p.add_argument("dir")
+    p.add_argument("--n", type=int, default=64, help="training images")
+    p.add_argument("--n-val", type=int, default=16, help="validation images")
+    p.add_argument("--size", type=int, default=160, help="image side")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_det_make_synthetic)
+
+
+def _det_train(a: argparse.Namespace) -> int:
+    import os
+
+    from .engine.fit import fit
+    from .engine.run import load_run_config
+    from .tasks.detection.task import DetTask
+
+    items = [*a.overrides, *([f"out={a.out}"] if a.out else []), *(["resume=auto"] if a.resume else [])]
+    _, cfg = load_run_config(a.config, items, task="det")
+    summary = fit(cfg, DetTask(cfg))
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(summary, indent=2))
+    return 130 if summary.get("interrupted") else 0
+
+
+def _det_eval(a: argparse.Namespace) -> None:
+    from .tasks.detection.task import evaluate_checkpoint
+
+    print(json.dumps(evaluate_checkpoint(a.config, a.checkpoint, a.overrides, device=a.device), indent=2))
+
+
+def _det_predict(a: argparse.Namespace) -> None:
+    from .tasks.detection.predict import predict_files
+
+    kw = dict(config=a.config, out_dir=a.out, score_thr=a.score_thr, device=a.device)
+    for r in predict_files(a.images, a.checkpoint, **kw):
+        found = ", ".join(f"{d['class']} {d['score']:.2f}" for d in r["detections"]) or "nothing"
+        print(f"{r['image']}: {found} -> {r['out']}")
+
+
+def _det_make_synthetic(a: argparse.Namespace) -> None:
+    from .data.synthetic_det import make_synthetic_det
+
+    paths = make_synthetic_det(a.dir, n_train=a.n, n_val=a.n_val, img_size=a.size, seed=a.seed)
+    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
 
 
 # ------------------------------------------------------------------------------------ benchmark / export (#5)
