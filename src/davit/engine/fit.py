@@ -140,6 +140,14 @@ class _ShardSampler(Sampler):
         return len(self.idx)
 
 
+def _seed_sample(seed: int) -> None:
+    # torch.manual_seed would also queue a lazy CUDA seeding that records a stack trace (milliseconds per call);
+    # augmentation runs on the CPU generator only.
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)
+
+
 class _SeededDataset(Dataset):
     """Seeds python/numpy/torch from the sample's seed before each item, so augmentations do not depend on the
     worker, the worker count or where a run resumed. In the main process the caller's RNG states are restored."""
@@ -153,11 +161,11 @@ class _SeededDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, seed = key
         if get_worker_info() is not None:
-            _seed_all(seed)
+            _seed_sample(seed)
             return self.dataset[index]
         saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
         try:
-            _seed_all(seed)
+            _seed_sample(seed)
             return self.dataset[index]
         finally:
             random.setstate(saved[0])
@@ -558,12 +566,15 @@ class _Run:
         if k == 0:
             self._last_lr = self.sched.apply(self.optimizer)
             self._nonfinite = torch.zeros((), device=self.device)
+            self._bad_loss = float("nan")
         last = k == tc.accum_steps - 1
         batch = move_to_device(batch, self.device, tc.channels_last)
         with self._sync(last), self._autocast():
             out = self.task.loss_fn(self.model, batch)
         loss = out["loss"]
-        self._nonfinite += (~torch.isfinite(loss.detach())).float()
+        if not torch.isfinite(loss.detach()):
+            self._nonfinite += 1.0
+            self._bad_loss = float(loss.detach())
         self.scaler.scale(loss / tc.accum_steps).backward()
         for name, v in out.items():
             v = v.detach().float().mean() if isinstance(v, Tensor) else torch.tensor(float(v))
@@ -582,7 +593,7 @@ class _Run:
         if flags[0] > 0:
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(
-                f"the loss is {float(loss):g} at step {p.step + 1} (epoch {p.epoch + 1}, lr {self._last_lr:.3g}); "
+                f"the loss is {self._bad_loss:g} at step {p.step + 1} (epoch {p.epoch + 1}, lr {self._last_lr:.3g}); "
                 f"stopped without saving it. The last good state is {self.out / 'last.pt'}: lower optim.lr, set "
                 "optim.grad_clip, or use train.amp=bf16 instead of fp16, then resume with --resume"
             )
