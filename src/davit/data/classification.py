@@ -202,7 +202,7 @@ class ImageFolderDataset(Dataset):
                 self._skipped += 1
                 if path not in self._warned:
                     self._warned.add(path)
-                    log.warning("skipping unreadable image (%s)", e)
+                    log.warning("skipping unreadable image (%s); %d skipped so far", e, self.num_skipped)
                 continue
             return (self.transform(img) if self.transform is not None else img), target
         raise ImageReadError(
