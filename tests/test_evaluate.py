@@ -223,3 +223,9 @@ def test_load_classifier_reads_checkpoint_metadata(tmp_path: Path) -> None:
         load_classifier(checkpoint=bare)
     with pytest.raises(FileNotFoundError):
         load_classifier(checkpoint=tmp_path / "missing.safetensors")
+
+    from davit.engine.checkpoint import save_training_state
+
+    state = save_training_state(tmp_path / "last.pt", {"model": model.state_dict(), "config": "{}"})
+    with pytest.raises(ValueError, match=r"training state .*best.safetensors"):
+        load_classifier(checkpoint=state)

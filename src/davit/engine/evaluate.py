@@ -264,6 +264,11 @@ def _checkpoint_metadata(path: Path) -> dict[str, Any]:
     if not meta and not str(path).endswith(".safetensors"):
         # a training state (.pt) keeps them as plain entries beside the tensors
         obj = read_checkpoint(path)
+        if str(obj.get("format", "")).startswith("davit.train"):
+            raise ValueError(
+                f"{path} is a training state (for --resume); use the weights file beside it: "
+                f"{path.with_name('best.safetensors')} or {path.with_name('last.safetensors')}"
+            )
         meta = {k: v for k, v in obj.items() if k in ("class_names", "preprocessing", "davit_config", "data")}
     out: dict[str, Any] = {}
     for k, v in meta.items():
