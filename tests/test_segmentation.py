@@ -95,6 +95,20 @@ def test_loss_rejects_labels_outside_class_range(micro_model):
         task.loss_fn(micro_model.train(), {"img": torch.randn(1, 3, 32, 32), "mask": mask[:1] * 0})
 
 
+def test_grad_checkpointing_gives_the_same_gradients():
+    cfg = micro_cfg("head.dropout=0.0", "model.overrides.drop_path_rate=0.0")  # deterministic forward
+    task = SegTask(cfg)
+    model = build_seg_model(cfg, 5).train()
+    batch = {"img": torch.randn(2, 3, 32, 32), "mask": torch.randint(0, 5, (2, 32, 32))}
+    task.loss_fn(model, batch)["loss"].backward()
+    plain = model.backbone.stem.conv.weight.grad.clone()
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    task.loss_fn(model, batch)["loss"].backward()
+    assert model.backbone.stages[0].grad_checkpointing
+    torch.testing.assert_close(model.backbone.stem.conv.weight.grad, plain, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize(("name", "params_m"), [("tiny", 60.0), ("small", 81.4), ("base", 121.5)])
 def test_official_recipes_build_the_reported_sizes(name, params_m):
     # README: UperNet-DaViT T/S/B = 60M / 81M / 121M parameters (150 classes, aux head included).

@@ -53,6 +53,10 @@ class UperNetDaViT(nn.Module):
         self.align_corners = align_corners
         self.num_classes = decode_head.conv_seg.out_channels
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the backbone's dual blocks in the backward pass (``train.grad_checkpointing``)."""
+        self.backbone.set_grad_checkpointing(enable)
+
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Images ``(B, 3, H, W)`` -> ``{"out": (B, K, H, W)[, "aux": (B, K, H, W)]}``."""
         feats = self.backbone(x)
