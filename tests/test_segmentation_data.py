@@ -220,3 +220,36 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     args = ["seg", "train", "--config", "configs/seg/synthetic_demo.yaml", f"data.root={tmp_path / 'no'}"]
     assert main([*args, "--out", str(tmp_path / "run")]) == 2
     assert "expected the ADE20K layout" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_all_reduce_the_confusion_matrix(tmp_path):
+    """Two gloo processes train a few steps; their mIoU (shards summed) equals a one-process evaluation."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from davit.tasks.segmentation import evaluate_segmentation
+
+    root = make_synthetic_seg(tmp_path / "data", n_train=16, n_val=5, size=48, seed=2)  # 5 val images: uneven shards
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [sys.executable, "-m", "davit", "seg", "train", "--config", "configs/seg/synthetic_demo.yaml",
+            f"data.root={root}", "data.scale=[64, 48]", "data.crop_size=[48, 48]", "train.iters=4",
+            "train.eval_every=4", "train.batch_size=2", "sched.warmup=1", "train.distributed=ddp",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")  # fmt: skip
+        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    cfg = load_seg_config(tmp_path / "run" / "config.yaml", ["train.workers=0"])
+    single = evaluate_segmentation(cfg, tmp_path / "run" / "last.safetensors", device="cpu")
+    assert single["miou"] == pytest.approx(summary["miou"], abs=1e-6)
+    assert single["aacc"] == pytest.approx(summary["aacc"], abs=1e-6)

@@ -372,6 +372,7 @@ def evaluate_loader(
     from ...engine.distributed import unwrap
 
     model = unwrap(model)
+    _sync_buffers(model)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -387,6 +388,19 @@ def evaluate_loader(
         model.train(was_training)
     cm.all_reduce()
     return cm.compute(names)
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's BatchNorm running statistics (what is saved) before evaluating.
+
+    DDP broadcasts buffers at the start of each training forward, but each rank then updates its own copy with its
+    own batch, and evaluation runs on the unwrapped module: without this, ranks would score different models.
+    """
+    if _world_size() > 1:
+        import torch.distributed as dist
+
+        for buf in model.buffers():
+            dist.broadcast(buf, src=0)
 
 
 # -------------------------------------------------------------------------------------------------- user calls
