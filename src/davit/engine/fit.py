@@ -349,6 +349,9 @@ class _Run:
                 pin_memory=self.device.type == "cuda",
                 worker_init_fn=_worker_init,
                 persistent_workers=tc.workers > 0,
+                # Without a generator the first iterator draws its worker seed from the global RNG; with persistent
+                # workers only the first does, which a resumed run would do at another point of the RNG stream.
+                generator=torch.Generator().manual_seed(tc.seed + 1),
             )
         self.micro_per_epoch = len(train_ds) // info.world_size // tc.batch_size
         self.steps_per_epoch = self.micro_per_epoch // tc.accum_steps
