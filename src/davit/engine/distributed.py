@@ -91,7 +91,6 @@ def init_distributed(cfg: LoopConfig) -> DistInfo:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
-    log.info("distributed: %s, rank %d/%d on %s (%s)", mode, rank, world, device, backend)
     return DistInfo(mode, rank, world, local_rank, device, backend)
 
 

@@ -493,6 +493,9 @@ class _Run:
             if self.info.is_main:
                 self.out.mkdir(parents=True, exist_ok=True)
                 atomic_write(self.out / "config.yaml", lambda tmp: save_config(self.cfg, tmp))
+            if self.info.mode != "none":
+                i = self.info
+                log.info("distributed: %s, rank %d/%d on %s (%s)", i.mode, i.rank, i.world_size, i.device, i.backend)
             self._build()
             self.acc: dict[str, Tensor] = {}
             path = self._resume_path()
