@@ -55,7 +55,7 @@ def _sample(rng: np.random.Generator, size: int, max_shapes: int) -> tuple[np.nd
         cls = int(rng.integers(1, len(SYNTHETIC_CLASSES)))
         rr, cc = _shape_pixels(rng, cls, size)
         hue = (_HUES[cls] + rng.uniform(-0.06, 0.06)) % 1.0
-        colour = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.5, 1.0), rng.uniform(0.5, 1.0)))
+        colour = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.7, 1.0)))
         img[rr, cc] = colour + rng.normal(0, 0.04, (len(rr), 3))
         label[rr, cc] = cls
     png = label + 1  # ADE20K convention: 0 is "unlabelled"
