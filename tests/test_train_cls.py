@@ -1,0 +1,92 @@
+"""The classification task on the digits set: the CLI runs, weights carry their config and class names, a checkpoint
+with another class count needs reset_head, and predictions on held-out digits are reported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import davit
+from davit.cli import main
+from davit.engine.checkpoint import load_training_state
+from davit.engine.run import load_run_config
+from davit.tasks.classification import ClassificationTask
+from davit.weights import CheckpointError, read_safetensors_metadata
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO = [
+    "model.overrides.embed_dims=[8,16,32,64]",
+    "model.overrides.depths=[1,1,1,1]",
+    "model.overrides.num_heads=[1,2,2,4]",
+    "data.img_size=16",
+    "epochs=0",
+    "iters=6",
+    "eval_every=6",
+    "batch_size=32",
+    "workers=0",
+    "threads=1",
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cls") / "run"
+    assert main(["train", "--config", str(ROOT / "configs/cls/digits.yaml"), "--out", str(out), *MICRO]) == 0
+    return out
+
+
+def test_cli_run_writes_summary_with_top1_top5_and_examples(run: Path) -> None:
+    s = json.loads((run / "summary.json").read_text())
+    for key in ("top1", "top5", "epochs", "seconds", "images_per_second", "best_top1"):
+        assert key in s, key
+    assert 0 <= s["top1"] <= s["top5"] <= 100
+    assert len(s["examples"]) == 8 and {"true", "predicted", "probability"} <= set(s["examples"][0])
+    assert "held-out image" in (run / "log.txt").read_text()
+
+
+def test_weights_rebuild_the_model_from_the_file_alone(run: Path) -> None:
+    meta = read_safetensors_metadata(run / "last.safetensors")
+    assert json.loads(meta["class_names"]) == [str(i) for i in range(10)]
+    assert json.loads(meta["davit_config"])["embed_dims"] == [8, 16, 32, 64]
+    assert json.loads(meta["preprocessing"])["img_size"] == 16
+    model = davit.create_model("davit_tiny", pretrained=str(run / "last.safetensors")).eval()
+    _, cfg = load_run_config(run / "config.yaml")
+    ref = davit.create_model("davit_tiny", num_classes=10, **cfg.model.overrides).eval()
+    ref.load_state_dict(load_training_state(run / "last.pt")["model"])
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+
+
+def test_other_class_count_needs_reset_head(run: Path, tmp_path: Path) -> None:
+    for c in ("cat", "dog", "fox"):
+        (tmp_path / "imgs" / "train" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(tmp_path / "imgs" / "train" / c / f"{i}.png")
+    base = [
+        "data.kind=imagefolder",
+        f"data.root={tmp_path / 'imgs'}",
+        "data.val_dir=",
+        f"model.pretrained={run / 'last.safetensors'}",
+        *MICRO,
+    ]
+    _, cfg = load_run_config(ROOT / "configs/cls/digits.yaml", base)
+    with pytest.raises(CheckpointError, match="10-class head but the data has 3 classes.*model.reset_head=true"):
+        ClassificationTask(cfg).build_model()
+    _, cfg = load_run_config(ROOT / "configs/cls/digits.yaml", [*base, "model.reset_head=true"])
+    model = ClassificationTask(cfg).build_model()
+    assert model.cfg.num_classes == 3
+    src = davit.create_model("davit_tiny", pretrained=str(run / "last.safetensors"))
+    assert all(torch.equal(p, src.state_dict()[k]) for k, p in model.state_dict().items() if not k.startswith("head."))
+
+
+def test_cli_reports_user_errors_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--config", str(ROOT / "configs/cls/digits.yaml"), "train.epoch=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key train.epoch" in err and "Traceback" not in err
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
