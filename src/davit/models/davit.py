@@ -132,12 +132,21 @@ class Mlp(nn.Module):
         return linear(linear(x, self.fc1, gelu=True), self.fc2)
 
 
+def _tracing() -> bool:
+    """True under ``torch.compile``/``torch.export``/ONNX export/TorchScript, where sizes may be symbolic.
+
+    Shape-dependent Python branches would then either specialise the graph to one input size or fail to export, so
+    the model takes its branch-free path (same values, a few more no-op pads and slices).
+    """
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
     """Zero-pad a ``(B, H, W, C)`` map on the right and bottom so H and W are multiples of ``multiple``."""
     _, H, W, _ = x.shape
     pad_b = (multiple - H % multiple) % multiple
     pad_r = (multiple - W % multiple) % multiple
-    if pad_b or pad_r:
+    if _tracing() or pad_b or pad_r:
         x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
     return x
 
@@ -305,11 +314,12 @@ class SpatialBlock(_DualBlockBase):
         # Pad after norm1 and do not mask: padded zeros attend as keys carrying only the qkv bias, as official.
         xp = pad_to_multiple(x, ws)  # (B, Hp, Wp, C)
         Hp, Wp = xp.shape[1], xp.shape[2]
-        if Hp == ws and Wp == ws:
+        tracing = _tracing()
+        if not tracing and Hp == ws and Wp == ws:
             out = self.attn(xp.reshape(B, ws * ws, C)).view(B, Hp, Wp, C)  # one window: no partition copy
         else:
             out = window_reverse(self.attn(window_partition(xp, ws)), ws, B, Hp, Wp)  # (B, Hp, Wp, C)
-        if Hp != H or Wp != W:
+        if tracing or Hp != H or Wp != W:
             out = out[:, :H, :W, :]
         return out
 
