@@ -430,6 +430,8 @@ def load_seg_model(
 
     if not Path(checkpoint).expanduser().is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    if cfg.train.threads > 0:  # the run's CPU thread count serves its evaluation and prediction too
+        torch.set_num_threads(cfg.train.threads)
     names = class_names(cfg.data)
     model = build_seg_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained="")), len(names))
     load_segmentation_checkpoint(model, Path(checkpoint).expanduser(), strict=True)
