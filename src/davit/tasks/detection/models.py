@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 from torchvision.models.detection import MaskRCNN, RetinaNet
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from .backbone import build_davit_backbone
@@ -66,6 +66,7 @@ def build_detector(
     test_size: int = 800,
     max_size: int = 1333,
     representation_size: int = 1024,
+    mask_channels: int = 256,
     box_batch_size_per_image: int = 512,
     rpn_batch_size_per_image: int = 256,
     detections_per_img: int = 100,
@@ -84,6 +85,7 @@ def build_detector(
         test_size: short side at test time.
         max_size: long-side cap (1333 officially).
         representation_size: width of the R-CNN box head's two FCs (1024 officially; smaller for quick tests).
+        mask_channels: width of the mask head's four convs and its deconv (256 officially).
         box_batch_size_per_image: RoIs sampled per image for the R-CNN losses (512 officially).
         rpn_batch_size_per_image: anchors sampled per image for the RPN losses (256 officially).
         detections_per_img: detections kept per image (100 officially).
@@ -112,8 +114,8 @@ def build_detector(
             body,
             box_head=TwoMLPHead(fpn_channels * resolution**2, representation_size),
             box_predictor=FastRCNNPredictor(representation_size, num_classes + 1),
-            # The default mask head's four convs are 256 wide whatever the FPN width.
-            mask_predictor=MaskRCNNPredictor(256, 256, num_classes + 1),
+            mask_head=MaskRCNNHeads(fpn_channels, (mask_channels,) * 4, 1),
+            mask_predictor=MaskRCNNPredictor(mask_channels, mask_channels, num_classes + 1),
             box_batch_size_per_image=box_batch_size_per_image,
             rpn_batch_size_per_image=rpn_batch_size_per_image,
             rpn_post_nms_top_n_train=1000,

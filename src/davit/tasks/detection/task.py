@@ -99,6 +99,7 @@ class DetectorConfig:
         arch: ``mask_rcnn`` or ``retinanet``.
         fpn_channels: FPN width.
         representation_size: R-CNN box-head FC width.
+        mask_channels: Mask R-CNN mask-head width.
         box_batch_size_per_image: RoIs sampled per image for the R-CNN losses.
         rpn_batch_size_per_image: anchors sampled per image for the RPN losses.
         detections_per_img: detections kept per image.
@@ -108,6 +109,7 @@ class DetectorConfig:
     arch: str = "mask_rcnn"
     fpn_channels: int = 256
     representation_size: int = 1024
+    mask_channels: int = 256
     box_batch_size_per_image: int = 512
     rpn_batch_size_per_image: int = 256
     detections_per_img: int = 100
@@ -183,6 +185,7 @@ class DetTask:
             test_size=d.test_size,
             max_size=d.max_size,
             representation_size=det.representation_size,
+            mask_channels=det.mask_channels,
             box_batch_size_per_image=det.box_batch_size_per_image,
             rpn_batch_size_per_image=det.rpn_batch_size_per_image,
             detections_per_img=det.detections_per_img,
@@ -318,4 +321,3 @@ def evaluate_checkpoint(
     task._datasets = (val, val)  # evaluation needs only the val set
     loader = DataLoader(val, batch_size=max(1, cfg.train.batch_size), collate_fn=detection_collate)
     return task.evaluate(model, loader)
-
