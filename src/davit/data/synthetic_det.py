@@ -86,12 +86,16 @@ def _draw_image(
 
 
 def _annotation(obj: dict[str, Any], ann_id: int, image_id: int) -> dict[str, Any]:
-    rle = mask_utils.encode(np.asfortranarray(obj["mask"]))
-    x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))
+    h_img, w_img = obj["mask"].shape
     if obj["polygon"] is not None:
         segmentation: Any = [[round(c, 2) for xy in obj["polygon"] for c in xy]]
+        # Box and area from the polygon as pycocotools rasterises it (PIL's drawing is up to a pixel larger), so the
+        # json is self-consistent for anyone decoding it.
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, h_img, w_img))
     else:
+        rle = mask_utils.encode(np.asfortranarray(obj["mask"]))
         segmentation = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+    x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))
     return {
         "id": ann_id,
         "image_id": image_id,
