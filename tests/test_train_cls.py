@@ -90,3 +90,12 @@ def test_cli_reports_user_errors_in_one_line(tmp_path: Path, capsys: pytest.Capt
     assert "unknown config key train.epoch" in err and "Traceback" not in err
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_bf16_autocast_channels_last_and_grad_checkpointing_train(tmp_path: Path) -> None:
+    extra = ["amp=bf16", "channels_last=true", "grad_checkpointing=true", "iters=2", "eval_every=2"]
+    recipe = str(ROOT / "configs/cls/digits.yaml")
+    assert main(["train", "--config", recipe, "--out", str(tmp_path), *MICRO, *extra, "data.val_split=0.5"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and np.isfinite(rows[0]["train_loss"]) and np.isfinite(rows[0]["val_loss"])
+    assert "amp bf16" in (tmp_path / "log.txt").read_text()

@@ -662,7 +662,8 @@ class _Run:
         row["images_per_second"] = round(p.train_images / max(p.train_seconds, 1e-9), 2)
         p.history.append(row)
         primary = self.task.primary_metric
-        is_best = primary in metrics and metrics[primary] > p.best
+        # Without a validation set the latest weights are the best we know of.
+        is_best = (primary in metrics and metrics[primary] > p.best) or self.val_loader is None
         if is_best:
             p.best, p.best_epoch = metrics[primary], row["epoch"]
         where = f"epoch {p.epoch}/{self.tc.epochs}" if self.tc.epochs else f"step {p.step}/{self.total_steps}"
