@@ -79,6 +79,18 @@ def test_size_mismatch_unreadable_and_missing_masks_are_skipped_with_counts(tmp_
     assert "mask size differs" in caplog.text and "unreadable" in caplog.text and "no mask file" in caplog.text
 
 
+def test_truncated_image_that_passes_the_header_check_is_a_clear_error(tmp_path):
+    _write_pair(tmp_path, "cut", (64, 64))
+    path = tmp_path / "images/training/cut.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # header intact, pixel data cut
+    ds = _dataset(tmp_path)
+    assert len(ds) == 1
+    with pytest.raises(ValueError, match=r"cannot read image .*cut\.jpg"):
+        ds[0]
+
+
 def test_rgb_mask_and_empty_folder_are_clear_errors(tmp_path):
     _write_pair(tmp_path, "c", (6, 6))
     Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(tmp_path / "annotations/training/c.png")
@@ -253,3 +265,45 @@ def test_ddp_two_processes_all_reduce_the_confusion_matrix(tmp_path):
     single = evaluate_segmentation(cfg, tmp_path / "run" / "last.safetensors", device="cpu")
     assert single["miou"] == pytest.approx(summary["miou"], abs=1e-6)
     assert single["aacc"] == pytest.approx(summary["aacc"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    """Augmentation (crop, flip, photometric), drop path, dropout and BN statistics all replay exactly on resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from davit.engine.checkpoint import load_training_state
+    from davit.weights import read_checkpoint
+
+    root = make_synthetic_seg(tmp_path / "data", n_train=16, n_val=4, size=48, seed=3)
+    base = [sys.executable, "-m", "davit", "seg", "train", "--config", "configs/seg/synthetic_demo.yaml",
+            f"data.root={root}", "data.scale=[64, 48]", "data.crop_size=[48, 48]", "train.iters=24",
+            "train.eval_every=6", "train.batch_size=4", "train.workers=1", "sched.warmup=2",
+            "model.overrides.drop_path_rate=0.2"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = subprocess.Popen([*base, "--out", str(tmp_path / "ref")], env=env, stderr=subprocess.PIPE)
+    cut = subprocess.Popen([*base, "--out", str(tmp_path / "cut")], env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "cut" / "last.pt").exists():
+            assert cut.poll() is None and time.monotonic() < deadline, "no checkpoint, or the run ended early"
+            time.sleep(0.05)
+        time.sleep(1.0)
+        cut.send_signal(signal.SIGKILL)
+        cut.wait()
+    finally:
+        if cut.poll() is None:
+            cut.kill()
+    assert not (tmp_path / "cut" / "summary.json").exists(), "the run finished before it was killed"
+    assert 0 < load_training_state(tmp_path / "cut" / "last.pt")["progress"]["step"] < 24
+    resumed = subprocess.run([*base, "--out", str(tmp_path / "cut"), "--resume"], env=env, capture_output=True)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
+    assert ref.wait(timeout=300) == 0
+    a = read_checkpoint(tmp_path / "ref" / "last.safetensors")
+    b = read_checkpoint(tmp_path / "cut" / "last.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]

@@ -202,6 +202,8 @@ def class_names(data: SegDataConfig) -> tuple[str, ...]:
         names = ADE20K_CLASSES
     else:
         names = tuple(f"class_{i}" for i in range(data.num_classes))
+    if len(names) != data.num_classes:
+        log.warning("the class list has %d names; it overrides data.num_classes=%d", len(names), data.num_classes)
     return names
 
 
@@ -214,6 +216,11 @@ class SegTask:
         self.cfg = cfg
         self.class_names = class_names(cfg.data)
         self.num_classes = len(self.class_names)
+        if cfg.model.num_classes is not None and cfg.model.num_classes != self.num_classes:
+            raise ConfigError(
+                f"model.num_classes={cfg.model.num_classes} but the data has {self.num_classes} classes; segmentation "
+                "takes its class count from data.num_classes or the class list: drop model.num_classes"
+            )
 
     # ---------------------------------------------------------------- model
     def build_model(self) -> UperNetDaViT:
