@@ -345,9 +345,8 @@ def seg_loss(logits: Tensor, mask: Tensor, avg_non_ignore: bool = False) -> Tens
     """Pixel cross-entropy with ignore index 255, in float32 (also under AMP).
 
     mmseg 0.11 (the official code) divides the summed loss by all pixels, ignored ones included; ``avg_non_ignore``
-    divides by the labelled pixels only (mmseg >= 0.23's option).
+    divides by the labelled pixels only (mmseg >= 0.23's option). Labels must be valid (see :func:`check_labels`).
     """
-    check_labels(mask, logits.shape[1])
     loss = F.cross_entropy(logits.float(), mask.long(), ignore_index=IGNORE_INDEX, reduction="none")  # (B, H, W)
     if avg_non_ignore:
         return loss.sum() / (mask != IGNORE_INDEX).sum().clamp(min=1)
