@@ -189,6 +189,11 @@ def test_davit_eval_cli_on_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFi
     assert m["top1"] == pytest.approx(100 * (logits.argmax(1) == y).float().mean().item())
     assert m["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-4)
 
+    # the default path runs through davit.optimize (when present): the same figures
+    assert main([*argv, "--device", "cpu"]) == 0
+    fast = json.loads(capsys.readouterr().out)
+    assert fast["top1"] == m["top1"] and fast["loss"] == pytest.approx(m["loss"], rel=1e-4)
+
     assert main(["eval", "--checkpoint", str(ck), "--data", str(data), "--workers", "0", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "top1" in out and "images/s" in out
