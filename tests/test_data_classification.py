@@ -237,6 +237,15 @@ def test_corrupt_and_truncated_images_are_skipped_and_counted(tmp_path: Path, ca
     assert torch.equal(items[-1][0], items[0][0])
 
 
+def test_an_all_corrupt_folder_stops_with_a_message(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / "t" / name).mkdir(parents=True)
+        (tmp_path / "t" / name / "x.jpg").write_bytes(b"junk")
+    ds = ImageFolderDataset(tmp_path / "t")
+    with pytest.raises(ImageReadError, match="2 consecutive unreadable images"):
+        ds[0]
+
+
 def test_skips_are_counted_across_loader_workers(tmp_path: Path) -> None:
     ds = ImageFolderDataset(_corrupt_folder(tmp_path / "train"), build_eval_transform(16, 1.0))
     loader = DataLoader(ds, batch_size=2, num_workers=2)

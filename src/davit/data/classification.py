@@ -194,7 +194,8 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        for step in range(min(_MAX_SKIP, len(self.samples))):
+        tries = min(_MAX_SKIP, len(self.samples))
+        for step in range(tries):
             path, target = self.samples[(index + step) % len(self.samples)]
             try:
                 img = load_rgb(path)
@@ -206,7 +207,8 @@ class ImageFolderDataset(Dataset):
                 continue
             return (self.transform(img) if self.transform is not None else img), target
         raise ImageReadError(
-            f"{_MAX_SKIP} consecutive unreadable images in {self.root} from item {index}: the dataset looks corrupt"
+            f"{tries} consecutive unreadable images in {self.root} from item {index}: the dataset looks corrupt; "
+            "check the files (e.g. re-download or re-extract them)"
         )
 
 
