@@ -1,0 +1,556 @@
+"""DaViT speed and memory against timm, measured side by side in one run.
+
+    python benchmarks/bench.py [--quick] [--model davit_tiny] [--out benchmarks/results]
+    davit benchmark [--quick] ...                      (the same script)
+
+Sections (each can be skipped with --skip NAME):
+  gemm    this machine's fp32 (MKL and oneDNN) and bf16 GEMM rates, the ceilings the table's "peak" column uses;
+  infer   timm eager, timm exported to onnxruntime, ours eager, ours exported to onnxruntime, ``davit.optimize``;
+          fp32 and bf16 (autocast), batch 1 latency (ms) and batch 32 throughput (images/s); every configuration
+          is timed in interleaved rounds in this process and reported as the median;
+  train   one AdamW + cross-entropy step, fp32 and bf16 autocast, ours vs timm (and ours with gradient
+          checkpointing): images/s and peak RSS, each configuration in a fresh process;
+  scale   batch-1 fp32 time per megapixel at 224, 448, 896 (ours and timm, interleaved);
+  hires   one 2048x2048 image through our model in a fresh process: time and peak RSS.
+
+Fairness: glibc's allocator hands large activations back to the OS after every op, so every new activation pays page
+faults; the script re-executes itself with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=64G MALLOC_TOP_PAD_=512M``
+(--no-malloc-tuning keeps the default) and the setting applies to both sides equally (same process, or the same
+environment for the worker processes). Each sample records the CPU share the process got (CPU time / wall time /
+threads); the machine load is recorded at the start and end. Writes ``<out>/bench-<time>.json``, ``<out>/latest.json``
+and a PNG chart, and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736", "MALLOC_TOP_PAD_": "536870912"}
+HERE = Path(__file__).resolve().parent
+
+
+def _reexec_with_malloc_tuning() -> None:
+    if all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
+        return
+    env = {**os.environ, **MALLOC_ENV}
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+# ---------------------------------------------------------------------------------------------------------- timing
+def _sample(fn: Callable[[], Any], reps: int, threads: int) -> tuple[float, float]:
+    """Seconds per call (mean over ``reps`` back-to-back calls) and the CPU share the process got meanwhile."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(reps):
+        fn()
+    wall = time.perf_counter() - w0
+    return wall / reps, (time.process_time() - c0) / wall / threads
+
+
+def interleaved(
+    cands: dict[str, Callable[[], Any]], rounds: int, reps: int, threads: int
+) -> dict[str, dict[str, float]]:
+    """Time every candidate once per round, rounds interleaved; median seconds per call and median CPU share."""
+    for fn in cands.values():  # warm-up (allocator, oneDNN primitive caches, onnxruntime arenas)
+        fn()
+        fn()
+    samples: dict[str, list[tuple[float, float]]] = {k: [] for k in cands}
+    for _ in range(rounds):
+        for k, fn in cands.items():
+            samples[k].append(_sample(fn, reps, threads))
+    out = {}
+    for k, s in samples.items():
+        secs = [a for a, _ in s]
+        out[k] = {
+            "sec": statistics.median(secs),
+            "sec_min": min(secs),
+            "spread": (max(secs) - min(secs)) / statistics.median(secs),
+            "cpu_share": statistics.median(b for _, b in s),
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------ gemm
+def gemm_peak(quick: bool, threads: int) -> dict[str, float]:
+    """GFLOP/s of a large fp32 GEMM through MKL (``F.linear``) and oneDNN, and of a bf16 GEMM (oneDNN)."""
+    import torch
+    import torch.nn.functional as F
+
+    M, K, N = 8192, 1024, 1024
+    x, w = torch.randn(M, K), torch.randn(N, K)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    lp = torch.ops.mkldnn._linear_pointwise
+    cands = {
+        "fp32_mkl": lambda: F.linear(x, w),
+        "fp32_onednn": lambda: lp(x, w, None, "none", [], ""),
+        "bf16_onednn": lambda: F.linear(xb, wb),
+    }
+    res = interleaved(cands, rounds=3 if quick else 7, reps=2, threads=threads)
+    flop = 2 * M * K * N
+    # The ceiling is the best sample: a GEMM can only be slowed down by other load, never sped up.
+    out = {k: round(flop / v["sec_min"] / 1e9, 1) for k, v in res.items()}
+    out["fp32"] = max(out["fp32_mkl"], out["fp32_onednn"])
+    out["bf16"] = out["bf16_onednn"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------- infer
+def _onnx_session(path: str, threads: int) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def _export_timm_onnx(model: Any, path: str) -> None:
+    import torch
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (torch.randn(1, 3, 224, 224),),
+            path,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
+
+
+def bench_infer(args: argparse.Namespace, flops_per_image: float) -> dict[str, Any]:
+    import numpy as np
+    import timm
+    import torch
+
+    import davit
+    from davit.export import export_onnx
+    from davit.optimize import optimize
+
+    torch.manual_seed(0)
+    threads = args.threads
+    ours = davit.create_model(args.model).eval()
+    ref = timm.create_model(args.model, num_classes=1000).eval()
+    # Same weights on both sides (timm's keys map 1:1 onto ours), so logits can be cross-checked.
+    ref.load_state_dict(_timm_sd_from_ours(ours.state_dict(), ref))
+    tmp = tempfile.mkdtemp(prefix="davit-bench-")
+    info: dict[str, Any] = {}
+    sess: dict[str, Any] = {}
+    if "onnx" not in args.skip:
+        t0 = time.perf_counter()
+        _export_timm_onnx(ref, f"{tmp}/timm.onnx")
+        info["timm_onnx_export_s"] = round(time.perf_counter() - t0, 1)
+        exp = export_onnx(ours, f"{tmp}/ours.onnx", check_sizes=((2, 224, 224),))
+        info["ours_onnx_export_s"] = exp["seconds"]
+        info["ours_onnx_max_abs_err"] = exp["max_abs_err"]
+        sess["timm"] = _onnx_session(f"{tmp}/timm.onnx", threads)
+        sess["ours"] = _onnx_session(f"{tmp}/ours.onnx", threads)
+
+    def bf16() -> Any:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    results: dict[str, Any] = {}
+    batches = [1, args.batch]
+    for batch in batches:
+        x = torch.randn(batch, 3, 224, 224)
+        xn = x.numpy()
+        fast: dict[str, Any] = {}
+        for dtype_name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            t0 = time.perf_counter()
+            fast[dtype_name] = optimize(copy.deepcopy(ours), example_input=x, dtype=dtype)
+            info[f"optimize_{dtype_name}_b{batch}_s"] = round(time.perf_counter() - t0, 1)
+
+        def run(m: Any, ctx: Callable[[], Any] | None = None, x: Any = x) -> Callable[[], Any]:
+            def fn() -> Any:
+                with torch.inference_mode(), ctx() if ctx else contextlib.nullcontext():
+                    return m(x)
+
+            return fn
+
+        cands: dict[str, Callable[[], Any]] = {
+            "fp32/timm eager": run(ref),
+            "fp32/ours eager": run(ours),
+            "fp32/ours optimize": run(fast["fp32"]),
+            "bf16/timm eager": run(ref, bf16),
+            "bf16/ours eager": run(ours, bf16),
+            "bf16/ours optimize": run(fast["bf16"]),
+        }
+        for side, s in sess.items():
+            name = s.get_inputs()[0].name
+            cands[f"fp32/{side} onnxruntime"] = lambda s=s, name=name, xn=xn: s.run(None, {name: xn})
+        # Numerics of every path against our eager fp32 logits (relative to the largest logit).
+        with torch.inference_mode():
+            base = ours(x).float()
+        errs = {}
+        for k, call in cands.items():
+            out = call()
+            out = torch.from_numpy(np.asarray(out[0])) if isinstance(out, list) else out
+            errs[k] = float((out.float() - base).abs().max() / base.abs().max())
+        rounds = args.rounds if batch > 1 else args.rounds + 2
+        reps = 1 if batch > 1 else (3 if args.quick else 5)
+        timed = interleaved(cands, rounds=rounds, reps=reps, threads=threads)
+        for k, v in timed.items():
+            dtype_name = k.split("/")[0]
+            ips = batch / v["sec"]
+            peak = args.gemm.get(dtype_name)
+            results[f"b{batch}/{k}"] = {
+                "batch": batch,
+                "dtype": dtype_name,
+                "path": k.split("/", 1)[1],
+                "ms": round(v["sec"] * 1000, 2),
+                "img_s": round(ips, 2),
+                "spread": round(v["spread"], 3),
+                "cpu_share": round(v["cpu_share"], 2),
+                "rel_err_vs_ours_fp32": errs[k],
+                "gemm_peak_frac": round(ips * flops_per_image / (peak * 1e9), 3) if peak else None,
+            }
+        print(f"  batch {batch} done (load {os.getloadavg()[0]:.1f})", flush=True)
+    return {"rows": results, "info": info}
+
+
+def _timm_sd_from_ours(sd: dict[str, Any], ref: Any) -> dict[str, Any]:
+    """Our state dict in timm's key layout (blocks ``.0``/``.1`` are timm's spatial/channel blocks)."""
+    ref_keys = list(ref.state_dict())
+    mapped = {}
+    for k in ref_keys:
+        ours_key = k.replace("spatial_block", "0").replace("channel_block", "1")
+        mapped[k] = sd[ours_key]
+    return mapped
+
+
+# ----------------------------------------------------------------------------------------------- worker processes
+def _worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Run in a fresh process: one training configuration, or one high-resolution forward."""
+    import torch
+
+    import davit
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if kind == "hires":
+        model = davit.create_model(spec["model"]).eval()
+        x = torch.randn(1, 3, spec["size"], spec["size"])
+        times = []
+        with torch.inference_mode():
+            for _ in range(spec["reps"]):
+                t0 = time.perf_counter()
+                model(x)
+                times.append(time.perf_counter() - t0)
+        return {
+            "size": spec["size"],
+            "sec": round(min(times), 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "rss_before_mb": round(rss0),
+        }
+    if spec["impl"] == "timm":
+        import timm
+
+        model = timm.create_model(spec["model"], num_classes=1000)
+    else:
+        model = davit.create_model(spec["model"])
+        if spec.get("ckpt"):
+            model.set_grad_checkpointing(True)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(spec["batch"], 3, 224, 224)
+    y = torch.randint(0, 1000, (spec["batch"],))
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if spec["dtype"] == "bf16" else contextlib.nullcontext
+    rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    times = []
+    for i in range(spec["steps"] + 1):
+        t0 = time.perf_counter()
+        with ctx():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i:  # the first step also allocates AdamW's state
+            times.append(time.perf_counter() - t0)
+    sec = statistics.median(times)
+    return {
+        "img_s": round(spec["batch"] / sec, 2),
+        "sec_per_step": round(sec, 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "rss_after_build_mb": round(rss_model),
+    }
+
+
+def _spawn(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", kind, json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+    if proc.returncode:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_train(args: argparse.Namespace) -> dict[str, Any]:
+    rows = {}
+    configs = [("timm", "fp32", False), ("ours", "fp32", False), ("timm", "bf16", False), ("ours", "bf16", False)]
+    configs += [("ours", "fp32", True), ("ours", "bf16", True)]
+    for impl, dtype, ckpt in configs:
+        spec = {
+            "impl": impl,
+            "dtype": dtype,
+            "ckpt": ckpt,
+            "model": args.model,
+            "batch": args.train_batch,
+            "steps": 2 if args.quick else 4,
+            "threads": args.threads,
+        }
+        name = f"{dtype}/{impl}" + (" +grad-ckpt" if ckpt else "")
+        rows[name] = {**_spawn("train", spec), "batch": args.train_batch}
+        print(f"  train {name}: {rows[name]} (load {os.getloadavg()[0]:.1f})", flush=True)
+    return rows
+
+
+def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
+    import timm
+    import torch
+
+    import davit
+
+    ours = davit.create_model(args.model).eval()
+    ref = timm.create_model(args.model, num_classes=1000).eval()
+    rows = {}
+    for size in args.scale_sizes:
+        x = torch.randn(1, 3, size, size)
+
+        def run(m: Any, x: Any = x) -> Callable[[], Any]:
+            def fn() -> Any:
+                with torch.inference_mode():
+                    return m(x)
+
+            return fn
+
+        timed = interleaved({"ours": run(ours), "timm": run(ref)}, rounds=3, reps=1, threads=args.threads)
+        for side, v in timed.items():
+            rows[f"{size}/{side}"] = {
+                "size": size,
+                "path": side,
+                "ms": round(v["sec"] * 1000, 1),
+                "ms_per_mpix": round(v["sec"] * 1000 / (size * size / 1e6), 1),
+                "cpu_share": round(v["cpu_share"], 2),
+            }
+        print(f"  scale {size}: {rows[f'{size}/ours']['ms_per_mpix']} ms/MPix ours", flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------- report
+def flops_per_image(model_name: str) -> float:
+    """FLOPs of one 224x224 forward (torch's FlopCounterMode: GEMMs, convs and attention; 2 FLOPs per MAC)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import davit
+
+    m = davit.create_model(model_name).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        m(torch.randn(1, 3, 224, 224))
+    return float(fc.get_total_flops())
+
+
+def print_table(res: dict[str, Any]) -> None:
+    print(
+        f"\n{res['meta']['model']}  |  {res['meta']['cpu']}  |  {res['meta']['threads']} threads  |  load "
+        f"{res['meta']['load_start']:.1f} -> {res['meta']['load_end']:.1f}  |  GEMM peak fp32 "
+        f"{res['gemm'].get('fp32', '-')} / bf16 {res['gemm'].get('bf16', '-')} GFLOP/s"
+    )
+    rows = res.get("infer", {}).get("rows", {})
+    if rows:
+        print(f"\n{'inference':<34}{'ms':>9}{'img/s':>9}{'vs timm':>9}{'of peak':>9}{'cpu':>6}{'rel err':>10}")
+        for r in rows.values():
+            timm_key = f"b{r['batch']}/{r['dtype']}/timm eager"
+            ratio = r["img_s"] / rows[timm_key]["img_s"] if timm_key in rows else float("nan")
+            peak = f"{r['gemm_peak_frac']:.0%}" if r["gemm_peak_frac"] is not None else "-"
+            print(
+                f"{'b' + str(r['batch']) + ' ' + r['dtype'] + ' ' + r['path']:<34}{r['ms']:>9.1f}{r['img_s']:>9.1f}"
+                f"{ratio:>8.2f}x{peak:>9}{r['cpu_share']:>6.2f}{r['rel_err_vs_ours_fp32']:>10.1e}"
+            )
+    train = res.get("train", {})
+    if train:
+        print(f"\n{'training step':<34}{'img/s':>9}{'vs timm':>9}{'peak RSS MB':>13}{'vs timm':>9}")
+        for k, r in train.items():
+            if "error" in r:
+                print(f"{k:<34} error: {r['error']}")
+                continue
+            t = train.get(k.split()[0].replace("ours", "timm"), {})
+            sp = r["img_s"] / t["img_s"] if t.get("img_s") else float("nan")
+            mem = r["peak_rss_mb"] / t["peak_rss_mb"] if t.get("peak_rss_mb") else float("nan")
+            print(f"{k + ' b' + str(r['batch']):<34}{r['img_s']:>9.2f}{sp:>8.2f}x{r['peak_rss_mb']:>13}{mem:>8.2f}x")
+    scale = res.get("scale", {})
+    if scale:
+        print(f"\n{'resolution (fp32 b1)':<34}{'ms':>9}{'ms/MPix':>9}{'vs 448':>9}")
+        for r in scale.values():
+            base = scale.get(f"448/{r['path']}", scale.get(f"{min(s['size'] for s in scale.values())}/{r['path']}"))
+            print(
+                f"{r['path'] + ' ' + str(r['size']):<34}{r['ms']:>9.1f}{r['ms_per_mpix']:>9.1f}"
+                f"{r['ms_per_mpix'] / base['ms_per_mpix']:>8.2f}x"
+            )
+    hires = res.get("hires")
+    if hires:
+        print(f"\n2048x2048 ours fp32 b1: {hires}")
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    rows = res.get("infer", {}).get("rows", {})
+    for ax, batch, key, label in ((axes[0], res["meta"]["batch"], "img_s", "images/s"), (axes[1], 1, "ms", "ms")):
+        sel = {k.split("/", 1)[1]: r[key] for k, r in rows.items() if r["batch"] == batch}
+        if sel:
+            names = list(sel)
+            colors = ["tab:orange" if "timm" in n else "tab:blue" for n in names]
+            ax.barh(names, [sel[n] for n in names], color=colors)
+            ax.invert_yaxis()
+            ax.set_xlabel(label)
+            ax.set_title(f"batch {batch} inference ({label}, {'higher' if key == 'img_s' else 'lower'} is better)")
+    scale = res.get("scale", {})
+    for side, color in (("ours", "tab:blue"), ("timm", "tab:orange")):
+        pts = sorted((r["size"], r["ms_per_mpix"]) for r in scale.values() if r["path"] == side)
+        if pts:
+            axes[2].plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=side)
+    if res.get("hires") and "sec" in res["hires"]:
+        axes[2].plot(
+            [2048], [res["hires"]["sec"] * 1000 / (2048 * 2048 / 1e6)], "s", color="tab:blue", label="ours 2048 (min)"
+        )
+    axes[2].set_xlabel("image side (px)")
+    axes[2].set_ylabel("ms per megapixel (fp32, batch 1)")
+    axes[2].set_title("resolution scaling (flat = linear in pixels)")
+    axes[2].set_ylim(bottom=0)
+    axes[2].legend()
+    fig.suptitle(
+        f"{res['meta']['model']} on {res['meta']['cpu']}, {res['meta']['threads']} threads ({res['meta']['date']})"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def _git_commit() -> str:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE
+        ).stdout.strip()
+    return ""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer rounds, batch 8 instead of 32, a few minutes")
+    p.add_argument("--model", default="davit_tiny", help="davit_tiny | davit_small | davit_base")
+    p.add_argument("--out", default=str(HERE / "results"), help="directory for the JSON and PNG")
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--batch", type=int, default=None, help="throughput batch (default 32, quick 8)")
+    p.add_argument("--train-batch", type=int, default=None, help="training batch (default 16, quick 8)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 7, quick 3)")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: gemm,infer,onnx,train,scale,hires")
+    p.add_argument("--no-malloc-tuning", action="store_true", help="keep glibc's default allocator settings")
+    p.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    a.skip = {s.strip() for s in a.skip.split(",") if s.strip()}
+    a.batch = a.batch or (8 if a.quick else 32)
+    a.train_batch = a.train_batch or (8 if a.quick else 16)
+    a.rounds = a.rounds or (3 if a.quick else 7)
+    a.scale_sizes = [224, 448] if a.quick else [224, 448, 896]
+    return a
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args._worker:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(json.dumps(_worker(args._worker[0], json.loads(args._worker[1]))))
+        return {}
+    if not args.no_malloc_tuning:
+        _reexec_with_malloc_tuning()
+    import onnxruntime
+    import timm
+    import torch
+
+    import davit
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    started = time.time()
+    res: dict[str, Any] = {
+        "meta": {
+            "model": args.model,
+            "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "cpu": _cpu_name(),
+            "threads": args.threads,
+            "batch": args.batch,
+            "quick": args.quick,
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "davit": davit.__version__,
+            "commit": _git_commit(),
+            "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV},
+            "load_start": os.getloadavg()[0],
+            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        }
+    }
+    print(f"benchmark {args.model} ({'quick' if args.quick else 'full'}), load {os.getloadavg()[0]:.1f}", flush=True)
+    res["gemm"] = gemm_peak(args.quick, args.threads) if "gemm" not in args.skip else {}
+    args.gemm = res["gemm"]
+    print(f"  gemm {res['gemm']}", flush=True)
+    res["meta"]["flops_per_image"] = flops_per_image(args.model)
+    if "infer" not in args.skip:
+        res["infer"] = bench_infer(args, res["meta"]["flops_per_image"])
+    if "scale" not in args.skip:
+        res["scale"] = bench_scale(args)
+    if "train" not in args.skip:
+        res["train"] = bench_train(args)
+    if "hires" not in args.skip:
+        res["hires"] = _spawn(
+            "hires", {"model": args.model, "size": 2048, "reps": 1 if args.quick else 2, "threads": args.threads}
+        )
+    res["meta"]["load_end"] = os.getloadavg()[0]
+    res["meta"]["seconds"] = round(time.time() - started)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for name in (f"bench-{stamp}.json", "latest.json"):
+        (out / name).write_text(json.dumps(res, indent=2))
+    plot(res, out / "latest.png")
+    print_table(res)
+    print(f"\nwrote {out / f'bench-{stamp}.json'} and {out / 'latest.png'} in {res['meta']['seconds']} s")
+    return res
+
+
+if __name__ == "__main__":
+    main()

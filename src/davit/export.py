@@ -1,0 +1,198 @@
+"""Export a DaViT classifier to ONNX (dynamic batch, height and width, checked against onnxruntime) or to a
+``torch.export`` program.
+
+ONNX uses the TorchScript-tracing exporter: its tracer records the model's size arithmetic (right/bottom padding to
+the patch and window sizes, window counts), so one file serves every batch size and every image size. The model takes
+its branch-free path while tracing (see ``davit.models.davit._tracing``), so images smaller than one window are exact
+too.
+
+``torch.export`` (:func:`export_program`) keeps H and W dynamic in multiples of 32 (the network's total stride): with
+fully free sizes the symbolic shape solver has to reason about ``((H + pad) // 4) // 2 ...`` chains of floor
+divisions and gives up ("cannot be solved using solve_univariate_inequality"); expressing H and W as ``32 * k`` makes
+every padding amount provably zero and the program exact for all such sizes. Other sizes: pad the image yourself or
+use the ONNX file.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["check_onnx", "export_model", "export_onnx", "export_program"]
+
+log = logging.getLogger(__name__)
+
+# Default round-trip check sizes: two different batches and two different, non-square, non-multiple-of-32 sizes.
+CHECK_SIZES: tuple[tuple[int, int, int], ...] = ((1, 224, 224), (2, 250, 333))
+
+
+def _classifier(model: nn.Module) -> nn.Module:
+    if getattr(model, "features_only", False):
+        raise ValueError("export supports classifiers; build the model with features_only=False")
+    return model.eval()
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    img_size: int | tuple[int, int] = 224,
+    opset: int = 17,
+    check_sizes: Sequence[tuple[int, int, int]] | None = CHECK_SIZES,
+    atol: float = 1e-4,
+) -> dict[str, Any]:
+    """Write ``model`` as an ONNX file with dynamic batch, height and width, then verify it with onnxruntime.
+
+    Args:
+        model: a DaViT classifier (any dtype; exported in float32 on the CPU, the model itself is left untouched).
+        path: output ``.onnx`` file (parent directories are created).
+        img_size: the size of the example image traced (any size works at run time).
+        opset: ONNX opset.
+        check_sizes: ``(batch, H, W)`` inputs compared against the eager model in onnxruntime; None skips the check.
+        atol: largest allowed absolute difference of the logits.
+
+    Returns:
+        ``{"path", "opset", "seconds", "max_abs_err": {"BxHxW": err}}``.
+
+    Raises:
+        ValueError: a features_only model, or onnxruntime disagreeing with the model by more than ``atol``.
+    """
+    model = _classifier(model)
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    p0 = next(model.parameters())
+    if p0.device.type != "cpu" or p0.dtype != torch.float32:
+        import copy
+
+        model = copy.deepcopy(model).to("cpu", torch.float32)
+    x = torch.randn(1, model.cfg.in_chans, h, w)
+    t0 = time.perf_counter()
+    with torch.no_grad(), warnings.catch_warnings():
+        # The input-shape check compares static sizes (rank, channels); the tracer warns about it needlessly.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(
+            model,
+            (x,),
+            str(path),
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+        )
+    out: dict[str, Any] = {"path": str(path), "opset": opset, "seconds": round(time.perf_counter() - t0, 2)}
+    if check_sizes:
+        out["max_abs_err"] = check_onnx(path, model, check_sizes, atol=atol)
+    return out
+
+
+def check_onnx(
+    path: str | Path,
+    model: nn.Module,
+    sizes: Sequence[tuple[int, int, int]] = CHECK_SIZES,
+    *,
+    atol: float = 1e-4,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Run the ONNX file in onnxruntime at each ``(batch, H, W)`` and compare with the eager float32 model.
+
+    Returns:
+        The largest absolute logit difference per size, keyed ``"BxHxW"``.
+
+    Raises:
+        ValueError: any difference above ``atol`` (the message names the size).
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    gen = torch.Generator().manual_seed(seed)
+    errs: dict[str, float] = {}
+    for b, h, w in sizes:
+        x = torch.randn(b, model.cfg.in_chans, h, w, generator=gen)
+        with torch.no_grad():
+            ref = model(x).float().numpy()
+        got = sess.run(None, {name: x.numpy()})[0]
+        err = float(np.abs(got - ref).max())
+        errs[f"{b}x{h}x{w}"] = err
+        if not err <= atol:
+            raise ValueError(f"onnxruntime differs from the model by {err:.2e} (> {atol:.0e}) at input {b}x{h}x{w}")
+    log.info("onnx check %s: %s", path, errs)
+    return errs
+
+
+def export_program(
+    model: nn.Module, *, img_size: int = 224, batch: int = 2, max_size: int = 4096
+) -> torch.export.ExportedProgram:
+    """``torch.export`` the classifier with dynamic batch and dynamic H, W in multiples of 32 (see the module notes).
+
+    Args:
+        model: a DaViT classifier.
+        img_size: the example image side (a multiple of 32).
+        batch: the example batch (>= 2 so the batch dimension stays symbolic).
+        max_size: the largest H or W the program accepts.
+
+    Returns:
+        The exported program; ``program.module()(x)`` runs it.
+    """
+    model = _classifier(model)
+    if img_size % 32:
+        raise ValueError(f"img_size must be a multiple of 32 for torch.export, got {img_size}")
+    hk = torch.export.Dim("h32", min=1, max=max_size // 32)
+    wk = torch.export.Dim("w32", min=1, max=max_size // 32)
+    bd = torch.export.Dim("batch", min=1, max=4096)
+    p0 = next(model.parameters())
+    x = torch.randn(batch, model.cfg.in_chans, img_size, img_size, device=p0.device, dtype=p0.dtype)
+    return torch.export.export(model, (x,), dynamic_shapes={"x": {0: bd, 2: 32 * hk, 3: 32 * wk}})
+
+
+def export_model(
+    name: str,
+    out: str | Path,
+    *,
+    weights: str | None = None,
+    checkpoint: str | None = None,
+    fmt: str = "onnx",
+    img_size: int = 224,
+) -> dict[str, Any]:
+    """Build a zoo model (optionally with published weights or a checkpoint file) and export it.
+
+    Args:
+        name: zoo name, e.g. ``"davit_tiny"``.
+        out: output path (``.onnx`` for ONNX, ``.pt2`` for ``torch.export``).
+        weights: a published weight tag, or ``"true"`` for the default weights (see ``davit.list_weights``).
+        checkpoint: a checkpoint file in any supported layout (loaded safely by ``davit.create_model``).
+        fmt: ``"onnx"`` or ``"torch_export"``.
+        img_size: the example image size.
+
+    Returns:
+        What :func:`export_onnx` returns, or ``{"path", "seconds"}`` for ``torch_export``.
+    """
+    from .factory import create_model
+
+    if fmt not in ("onnx", "torch_export"):
+        raise ValueError(f"unknown export format {fmt!r}; use 'onnx' or 'torch_export'")
+    if weights and checkpoint:
+        raise ValueError("give --weights or --checkpoint, not both")
+    if checkpoint and not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    pretrained: bool | str = checkpoint or False
+    if weights:
+        pretrained = True if weights.lower() == "true" else weights
+    model = create_model(name, pretrained=pretrained).eval()
+    if fmt == "onnx":
+        return export_onnx(model, out, img_size=img_size)
+    t0 = time.perf_counter()
+    program = export_program(model, img_size=img_size)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, str(out))
+    return {"path": str(out), "seconds": round(time.perf_counter() - t0, 2)}
