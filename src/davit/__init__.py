@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .factory import create_model
 from .models import DaViT, DaViTConfig, count_params, list_models
+from .optimize import optimize
 from .weights import CheckpointError, convert_state_dict, list_weights, load_checkpoint
 
 __version__ = "0.1.0"
@@ -26,4 +27,5 @@ __all__ = [
     "list_models",
     "list_weights",
     "load_checkpoint",
+    "optimize",
 ]
