@@ -193,6 +193,21 @@ def test_tiny_images_go_through_both_transforms(tmp_path: Path) -> None:
     assert eval_tf(load_rgb(_save(tmp_path / "thin.png", Image.new("RGB", (300, 2))))).shape == (3, 32, 32)
 
 
+def test_default_train_transform_is_the_official_recipe() -> None:
+    from sklearn.datasets import load_sample_image
+
+    tf = build_train_transform(ClsDataConfig())
+    crop, flip, ra, _, norm, erase = tf.transforms
+    assert crop.scale == (0.08, 1.0) and crop.ratio == (0.75, 1.333) and crop.interpolation.value == "bicubic"
+    assert flip.p == 0.5
+    assert ra.num_layers == 2 and all(op.magnitude == 9 and op.magnitude_std == 0.5 for op in ra.ops)
+    assert {"PosterizeIncreasing", "SolarizeIncreasing"} <= {op.name for op in ra.ops}  # the "inc1" op set
+    assert torch.allclose(norm.mean, torch.tensor([0.485, 0.456, 0.406]))
+    assert erase.probability == 0.25 and erase.mode == "pixel" and erase.max_count == 1
+    x = tf(Image.fromarray(load_sample_image("china.jpg")))
+    assert x.shape == (3, 224, 224) and torch.isfinite(x).all()
+
+
 def test_eval_transform_resizes_then_centre_crops() -> None:
     # a 200x100 image: short side 100 -> floor(64 / 0.8) = 80, so 160x80, centre 64x64 crop
     a = np.zeros((100, 200, 3), dtype=np.uint8)
