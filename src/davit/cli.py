@@ -302,7 +302,43 @@ def _det_make_synthetic(a: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------ benchmark / export (#5)
 def _add_perf(sub: argparse._SubParsersAction) -> None:
-    del sub  # filled in by its issue
+    p = sub.add_parser(
+        "benchmark",
+        help="speed and memory vs timm in one run (benchmarks/bench.py; extra options are passed through)",
+        description="Runs benchmarks/bench.py from the source checkout; see `python benchmarks/bench.py --help`.",
+    )
+    p.add_argument("--quick", action="store_true", help="a few minutes instead of ~20")
+    p.add_argument("--model", default="davit_tiny")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="more bench.py options, e.g. --skip train,hires")
+    p.set_defaults(func=_benchmark)
+
+    p = sub.add_parser("export", help="export a model to ONNX (dynamic batch/H/W, checked in onnxruntime)")
+    p.add_argument("out", help="output file (.onnx, or .pt2 for --format torch_export)")
+    p.add_argument("--model", required=True, help="zoo name, e.g. davit_tiny")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--weights", help="published weight tag, or 'true' for the default weights")
+    src.add_argument("--checkpoint", help="a checkpoint file in any supported layout")
+    p.add_argument("--format", default="onnx", choices=["onnx", "torch_export"])
+    p.add_argument("--img-size", type=int, default=224, help="example image size traced (any size runs later)")
+    p.set_defaults(func=_export)
+
+
+def _benchmark(a: argparse.Namespace) -> int:
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench.py"
+    if not script.is_file():
+        raise FileNotFoundError(f"{script} not found: `davit benchmark` runs from a source checkout of davit")
+    argv = ["--model", a.model, *(["--quick"] if a.quick else []), *a.bench_args]
+    return subprocess.run([sys.executable, str(script), *argv]).returncode
+
+
+def _export(a: argparse.Namespace) -> None:
+    from .export import export_model
+
+    out = export_model(a.model, a.out, weights=a.weights, checkpoint=a.checkpoint, fmt=a.format, img_size=a.img_size)
+    print(json.dumps(out, indent=2))
 
 
 # ---------------------------------------------------------------------------------------------------------- main
