@@ -13,20 +13,20 @@ __all__ = ["plot_curves"]
 
 
 def plot_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike[str], primary: str) -> Path:
-    """Left: every ``train_*`` loss per epoch; right: the primary metric (and other metrics in its unit) per epoch."""
+    """Left: the training (and validation) losses per epoch; right: the primary metric (and top-5) per epoch."""
     # A bare Figure renders with the Agg canvas without pyplot: no GUI backend, no global figure state.
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 4), dpi=100)
     ax_loss, ax_metric = fig.subplots(1, 2)
-    losses = sorted({k for r in history for k in r if k.startswith("train_") and "loss" in k})
+    losses = sorted({k for r in history for k in r if k.endswith("loss") and k.startswith(("train_", "val_"))})
     for key in losses:
         xs = [r["epoch"] for r in history if key in r]
         ax_loss.plot(xs, [r[key] for r in history if key in r], marker=".", label=key)
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss")
     ax_loss.set_yscale("log" if _positive(history, losses) else "linear")
-    ax_loss.set_title("training loss")
+    ax_loss.set_title("loss")
     ax_loss.grid(alpha=0.3)
     if losses:
         ax_loss.legend()
