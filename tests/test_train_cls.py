@@ -99,3 +99,22 @@ def test_bf16_autocast_channels_last_and_grad_checkpointing_train(tmp_path: Path
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and np.isfinite(rows[0]["train_loss"]) and np.isfinite(rows[0]["val_loss"])
     assert "amp bf16" in (tmp_path / "log.txt").read_text()
+
+
+def test_corrupt_images_are_skipped_and_counted_in_the_log(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            d = tmp_path / "imgs" / split / c
+            d.mkdir(parents=True)
+            for i in range(8):
+                Image.fromarray(rng.integers(0, 255, (18, 18, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    (tmp_path / "imgs" / "train" / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (tmp_path / "imgs" / "val" / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n nope")
+    extra = ["data.kind=imagefolder", f"data.root={tmp_path / 'imgs'}", "batch_size=4", "iters=4", "eval_every=4"]
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(ROOT / "configs/cls/digits.yaml"), "--out", str(out), *MICRO, *extra]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped_images"] >= 1
+    log = (out / "log.txt").read_text()
+    assert "unreadable images skipped so far" in log and "broken" in log

@@ -489,7 +489,8 @@ class _Run:
 
     # ------------------------------------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
-        with self._setup_logging():
+        with self._setup_logging() as stack:
+            stack.callback(torch.set_num_threads, torch.get_num_threads())
             if self.info.is_main:
                 self.out.mkdir(parents=True, exist_ok=True)
                 atomic_write(self.out / "config.yaml", lambda tmp: save_config(self.cfg, tmp))

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import LoopConfig, ModelConfig, OptimConfig, SchedConfig
-from ..data import ClsDataConfig, build_classification_datasets, build_mixup
+from ..data import ClsDataConfig, build_classification_datasets, build_mixup, skipped_images
+from ..engine.distributed import all_reduce_sum
 from ..weights import CheckpointError
 
 __all__ = ["ClassificationTask", "ClsConfig", "train_classifier"]
@@ -136,7 +137,15 @@ class ClassificationTask:
         from ..engine.evaluate import evaluate_classifier
 
         m = evaluate_classifier(model, loader)
-        return {"top1": m["top1"], "top5": m["top5"], "val_loss": m["loss"]}
+        out = {"top1": m["top1"], "top5": m["top5"], "val_loss": m["loss"]}
+        # Unreadable images are skipped by the datasets; report how many so far (all workers, all ranks).
+        train, val, _ = self._datasets()
+        skipped = torch.tensor([float(skipped_images(train) + (skipped_images(val) if val is not None else 0))])
+        n = float(all_reduce_sum(skipped).item())
+        if n > 0:
+            out["skipped_images"] = n
+            log.warning("%d unreadable images skipped so far (see the warnings above for their paths)", n)
+        return out
 
     def on_fit_end(self, model: nn.Module, out_dir: Path, count: int = 8) -> dict[str, Any]:
         """Classify ``count`` held-out images spread over the validation set and log predicted vs true labels."""
