@@ -177,3 +177,10 @@ def test_iteration_based_run_evaluates_every_interval(tmp_path: Path) -> None:
     assert all("acc" in r for r in rows)
     assert summary["steps"] == 20 and summary["epochs"] == pytest.approx(2.5)
     assert rows[-1]["lr"] < rows[0]["lr"]
+
+
+def test_fp16_autocast_keeps_its_grad_scaler_in_the_checkpoint(tmp_path: Path) -> None:
+    summary = fit(_cfg(tmp_path, epochs=2, amp="fp16"), ToyTask())
+    assert summary["acc"] > 50
+    scaler = load_training_state(tmp_path / "last.pt")["scaler"]
+    assert scaler["scale"] > 0 and "growth_tracker" in scaler
