@@ -183,4 +183,4 @@ def test_fp16_autocast_keeps_its_grad_scaler_in_the_checkpoint(tmp_path: Path) -
     summary = fit(_cfg(tmp_path, epochs=2, amp="fp16"), ToyTask())
     assert summary["acc"] > 50
     scaler = load_training_state(tmp_path / "last.pt")["scaler"]
-    assert scaler["scale"] > 0 and "growth_tracker" in scaler
+    assert scaler["scale"] > 0 and "_growth_tracker" in scaler
