@@ -63,31 +63,37 @@ def _onednn_ok(x: Tensor, weight: Tensor) -> bool:
 _HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def linear(x: Tensor, fc: nn.Linear, gelu: bool = False) -> Tensor:
-    """``fc(x)``, optionally followed by exact (erf) GELU, fused into one oneDNN call for CPU inference.
+def linear(x: Tensor, fc: nn.Linear, gelu: bool = False, residual: Tensor | None = None) -> Tensor:
+    """``fc(x)``, optionally followed by exact (erf) GELU or preceded by ``residual +``, in one oneDNN call on CPU.
 
     Why: ``F.linear`` first copies the broadcast bias into a fresh output and then accumulates the GEMM onto it, and
     GELU is one more full pass over the widest activation; oneDNN adds the bias and applies GELU inside the GEMM, which
-    makes the stage-1/2 Linears (small K, huge M) up to 2x faster with identical results. Training, autograd,
-    ``torch.compile``, ``torch.export`` and ONNX export take the plain path.
+    makes the stage-1/2 Linears (small K, huge M) up to 2x faster with identical results; a residual added in the
+    GEMM's epilogue saves one more pass (float addition commutes, so ``residual + y`` is bit-identical). Training,
+    autograd, ``torch.compile``, ``torch.export`` and ONNX export take the plain path.
     """
     w, b = fc.weight, fc.bias
     if _onednn_ok(x, w):
         if torch.is_autocast_enabled("cpu"):
             dt = torch.get_autocast_dtype("cpu")
             if dt != torch.bfloat16:
-                return _plain_linear(x, w, b, gelu)
-            # What autocast would do for F.linear: compute in bf16.
+                return _plain_linear(x, w, b, gelu, residual)
+            # What autocast would do for F.linear: compute in bf16 (the residual stream stays fp32, added outside).
             x, w, b = x.to(dt), w.to(dt), (None if b is None else b.to(dt))
         elif x.dtype != w.dtype:
-            return _plain_linear(x, w, b, gelu)
-        return torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu" if gelu else "none", [], "none" if gelu else "")
-    return _plain_linear(x, w, b, gelu)
+            return _plain_linear(x, w, b, gelu, residual)
+        if residual is not None and not gelu and residual.dtype == x.dtype and residual.is_contiguous():
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, b, "add")
+        y = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu" if gelu else "none", [], "none" if gelu else "")
+        return y if residual is None else residual + y
+    return _plain_linear(x, w, b, gelu, residual)
 
 
-def _plain_linear(x: Tensor, w: Tensor, b: Tensor | None, gelu: bool) -> Tensor:
+def _plain_linear(x: Tensor, w: Tensor, b: Tensor | None, gelu: bool, residual: Tensor | None) -> Tensor:
     y = F.linear(x, w, b)
-    return F.gelu(y) if gelu else y
+    if gelu:
+        y = F.gelu(y)
+    return y if residual is None else residual + y
 
 
 class DropPath(nn.Module):
@@ -115,6 +121,20 @@ class ConvPosEnc(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # x: (B, H, W, C). The permuted view is NCHW in channels_last memory, which the conv accepts without a copy
         # and answers in the same layout, so permuting back is free too.
+        w = self.proj.weight
+        if (
+            isinstance(self.act, nn.Identity)
+            and _onednn_ok(x, w)
+            and x.dtype == w.dtype
+            and x.is_contiguous()
+            and not torch.is_autocast_enabled("cpu")
+        ):
+            # CPU inference: oneDNN adds the residual in the conv's epilogue (one pass instead of two, same values).
+            xc = x.permute(0, 3, 1, 2)  # (B, C, H, W) view, channels_last memory
+            out = torch.ops.mkldnn._convolution_pointwise.binary(
+                xc, xc, w, self.proj.bias, [1, 1], [1, 1], [1, 1], self.proj.groups, "add", None, None, [], None
+            )
+            return out.permute(0, 2, 3, 1)  # (B, H, W, C), contiguous
         feat = self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H, W, C)
         return x + self.act(feat)
 
@@ -128,8 +148,8 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(linear(x, self.fc1, gelu=True), self.fc2)
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        return linear(linear(x, self.fc1, gelu=True), self.fc2, residual=residual)
 
 
 def _tracing() -> bool:
@@ -222,7 +242,7 @@ class ChannelAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, device=device, dtype=dtype)
         self.proj = nn.Linear(dim, dim, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         B, N, C = x.shape  # (B, H*W, C)
         qkv = linear(x, self.qkv).view(B, N, 3, self.num_groups, self.head_dim)  # (B, N, 3, G, Cg)
         qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, G, N, Cg)
@@ -237,7 +257,7 @@ class ChannelAttention(nn.Module):
         attn = attn.softmax(dim=-1)
         x = value @ attn.transpose(-1, -2)  # (B, G, N, Cg)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
-        return linear(x, self.proj)
+        return linear(x, self.proj, residual=residual)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -274,11 +294,17 @@ class _DualBlockBase(nn.Module):
         # One module used twice, as the official code: the two residuals get independent masks.
         self.drop_path = DropPath(drop_path)
 
-    def mix(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+    def mix(self, x: Tensor, residual: Tensor | None = None) -> Tensor:  # pragma: no cover - abstract
+        """The token mixer on ``(B, H, W, C)``; returns ``residual + mix(x)`` when ``residual`` is given."""
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.cpe1(x)  # (B, H, W, C)
+        if self.drop_path.prob == 0.0 or not self.training:
+            # No stochastic depth: hand the residual to the last Linear so it can be added in the GEMM's epilogue.
+            x = self.mix(self.norm1(x), residual=x)
+            x = self.cpe2(x)
+            return x if self.mlp is None else self.mlp(self.norm2(x), residual=x)
         x = x + self.drop_path(self.mix(self.norm1(x)))
         x = self.cpe2(x)
         if self.mlp is not None:
@@ -308,7 +334,7 @@ class SpatialBlock(_DualBlockBase):
         self.window_size = window_size
         self.attn = WindowAttention(dim, num_heads, qkv_bias, device=device, dtype=dtype)
 
-    def mix(self, x: Tensor) -> Tensor:
+    def mix(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         B, H, W, C = x.shape
         ws = self.window_size
         # Pad after norm1 and do not mask: padded zeros attend as keys carrying only the qkv bias, as official.
@@ -321,7 +347,7 @@ class SpatialBlock(_DualBlockBase):
             out = window_reverse(self.attn(window_partition(xp, ws)), ws, B, Hp, Wp)  # (B, Hp, Wp, C)
         if tracing or Hp != H or Wp != W:
             out = out[:, :H, :W, :]
-        return out
+        return out if residual is None else residual + out
 
 
 class ChannelBlock(_DualBlockBase):
@@ -346,9 +372,10 @@ class ChannelBlock(_DualBlockBase):
         super().__init__(dim, mlp_ratio, drop_path, ffn, cpe_act, norm_eps, device=device, dtype=dtype)
         self.attn = ChannelAttention(dim, num_groups, qkv_bias, v2, dynamic_scale, device=device, dtype=dtype)
 
-    def mix(self, x: Tensor) -> Tensor:
+    def mix(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         B, H, W, C = x.shape
-        return self.attn(x.reshape(B, H * W, C)).view(B, H, W, C)
+        res = None if residual is None else residual.reshape(B, H * W, C)  # (B, N, C)
+        return self.attn(x.reshape(B, H * W, C), residual=res).view(B, H, W, C)
 
 
 # --------------------------------------------------------------------------------------------------------------------
