@@ -184,3 +184,14 @@ def test_fp16_autocast_keeps_its_grad_scaler_in_the_checkpoint(tmp_path: Path) -
     assert summary["acc"] > 50
     scaler = load_training_state(tmp_path / "last.pt")["scaler"]
     assert scaler["scale"] > 0 and "_growth_tracker" in scaler
+
+
+def test_without_validation_set_best_follows_last(tmp_path: Path) -> None:
+    class NoVal(ToyTask):
+        def build_datasets(self) -> tuple[Dataset, None]:
+            return ToyData(256, True, 1), None
+
+    summary = fit(_cfg(tmp_path, epochs=2), NoVal())
+    assert summary["best_acc"] is None and "acc" not in summary
+    assert read_checkpoint(tmp_path / "best.safetensors").keys() == _weights(tmp_path).keys()
+    assert all("train_loss" in json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines())

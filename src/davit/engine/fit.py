@@ -663,10 +663,11 @@ class _Run:
         row["images_per_second"] = round(p.train_images / max(p.train_seconds, 1e-9), 2)
         p.history.append(row)
         primary = self.task.primary_metric
-        # Without a validation set the latest weights are the best we know of.
-        is_best = (primary in metrics and metrics[primary] > p.best) or self.val_loader is None
-        if is_best:
+        improved = primary in metrics and metrics[primary] > p.best
+        if improved:
             p.best, p.best_epoch = metrics[primary], row["epoch"]
+        # Without a validation set the latest weights are the best we know of.
+        is_best = improved or self.val_loader is None
         where = f"epoch {p.epoch}/{self.tc.epochs}" if self.tc.epochs else f"step {p.step}/{self.total_steps}"
         shown = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith("train_") or k in metrics)
         log.info("%s: %s | lr %.3g | %.1f s", where, shown, row["lr"], p.seconds)
