@@ -78,3 +78,10 @@ def test_every_cls_recipe_loads(recipe: Path) -> None:
         pytest.skip("a base file")
     _, cfg = load_run_config(recipe)
     assert (cfg.train.epochs > 0) != (cfg.train.iters > 0)
+
+
+@pytest.mark.parametrize("recipe", sorted(ROOT.glob("configs/*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_davit_train_dispatches_every_recipe_to_its_task(recipe: Path) -> None:
+    name, cfg = load_run_config(recipe)
+    assert name == recipe.parent.name
+    assert {"model", "optim", "sched", "train", "out", "resume"} <= set(vars(cfg))
