@@ -3,11 +3,14 @@
 What it does, and why (measured on a 2-core AVX-512/AMX CPU with torch 2.14; ``benchmarks/bench.py`` measures it
 side by side with timm on any machine):
 
-- Eager CPU inference already takes the model's oneDNN path: bias and GELU fused into the Linear GEMMs (no
-  bias-broadcast copy, no separate GELU pass), tokens kept channels-last so the depthwise position-encoding convs need
-  no layout copies. ``optimize`` switches to eval, drops autograd (``torch.inference_mode``) and, when asked for
-  bfloat16, runs under bf16 autocast where the hardware has native bf16 (AVX512-BF16/AMX on CPU, any CUDA GPU with
-  bf16): GEMMs in bf16, LayerNorm and softmax statistics in fp32.
+- Eager CPU inference already takes the model's oneDNN path: bias, GELU and residual additions fused into the
+  Linear GEMMs and the depthwise position-encoding convs (no bias-broadcast copies, no separate GELU/add passes),
+  tokens kept channels-last so the convs need no layout copies. ``optimize`` switches to eval and drops autograd
+  (``torch.inference_mode``), which is what enables that path.
+- bfloat16 (``dtype=torch.bfloat16``, only where the hardware has it natively: AVX512-BF16/AMX on CPU, CUDA compute
+  >= 8.0): on CPU a bf16 copy of the weights is made once (half the fp32 size, milliseconds) and the whole network runs
+  in bf16, which was ~30% faster than autocast (no per-call weight casts, half the activation traffic) at the same
+  logit error (~6e-3 relative to fp32); on CUDA it runs under bf16 autocast.
 - ``compile=True`` adds ``torch.compile`` (Inductor, with weight freezing on CPU). One-time cost: 30-120 s of
   compilation on 2 CPU cores for each new input shape (batch, H, W) and dtype, paid at the first call (or inside
   ``optimize`` when ``example_input`` is given). It is off by default on CPU, where it did not beat the fused eager
@@ -22,6 +25,7 @@ parity tests run on it); bf16 logits are within ~1e-2 relative of fp32, as any b
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from typing import Any
 
@@ -51,13 +55,17 @@ class OptimizedModel(nn.Module):
         model: the eager model (eval mode), for anything beyond ``forward``.
         dtype: the compute dtype (``torch.float32`` or ``torch.bfloat16``).
         compiled: whether ``torch.compile`` is in the path.
+        autocast: whether ``forward`` runs under autocast (CUDA bf16) rather than on a bf16 copy of the weights.
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, compiled: bool, runner: Any) -> None:
+    def __init__(
+        self, model: nn.Module, dtype: torch.dtype, compiled: bool, runner: Any, autocast: bool = False
+    ) -> None:
         super().__init__()
         self.model = model
         self.dtype = dtype
         self.compiled = compiled
+        self.autocast = autocast
         # Not a submodule attribute (a compiled wrapper would register the model twice in state_dict).
         object.__setattr__(self, "_runner", runner)
         self._device_type = next(model.parameters()).device.type
@@ -68,13 +76,13 @@ class OptimizedModel(nn.Module):
         return self.model.cfg
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype == torch.float32:
+        if not self.autocast:
             return contextlib.nullcontext()
         return torch.autocast(self._device_type, dtype=self.dtype)
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         with torch.inference_mode(), self._autocast():
-            out = self._runner(x)
+            out = self._runner(x if self.autocast else x.to(self.dtype))
         if isinstance(out, Tensor):
             return out.float()
         return [o.float() for o in out]
@@ -124,14 +132,20 @@ def optimize(
     if compile is None:
         compile = device.type == "cuda"
     runner: Any = model
+    autocast = False
+    if dtype == torch.bfloat16:
+        if device.type == "cpu":
+            runner = copy.deepcopy(model).to(torch.bfloat16).requires_grad_(False)
+        else:
+            autocast = True
     if compile:
         if device.type == "cpu":
             import torch._inductor.config as inductor_config
 
             # Freezing folds the (constant) weights into the graph and lets Inductor pre-pack them for oneDNN.
             inductor_config.freezing = True
-        runner = torch.compile(model, mode="max-autotune-no-cudagraphs" if device.type == "cuda" else None)
-    fast = OptimizedModel(model, dtype, bool(compile), runner)
+        runner = torch.compile(runner, mode="max-autotune-no-cudagraphs" if device.type == "cuda" else None)
+    fast = OptimizedModel(model, dtype, bool(compile), runner, autocast)
     if example_input is not None:
         _check(fast, model, example_input)
     return fast
@@ -140,8 +154,6 @@ def optimize(
 def _check(fast: OptimizedModel, model: nn.Module, x: Tensor) -> None:
     """Warm up on ``x`` (pays compilation / primitive creation now) and compare with the eager fp32 model."""
     out = fast(x)
-    if fast.dtype != torch.float32 and not fast.compiled:
-        return  # bf16 differs from fp32 by design, and the eager path is the model itself
     with torch.inference_mode():
         ref = model(x)
     pairs = zip(out, ref) if isinstance(out, list) else [(out, ref)]
