@@ -223,3 +223,24 @@ def test_image_size_from_file_when_json_lacks_it(tmp_path: Path) -> None:
     _, t = ds[0]
     assert t["boxes"].tolist() == [[40.0, 30.0, 50.0, 40.0]]  # clipped to the 50x40 image
     assert t["masks"].shape == (1, 40, 50)
+
+
+def test_task_config_errors(shapes: dict[str, Path]) -> None:
+    import dataclasses
+
+    from davit.config import ConfigError, ModelConfig
+    from davit.tasks.detection.task import DetConfig, DetDataConfig, DetTask
+
+    with pytest.raises(ConfigError, match="data.train_ann"):
+        DetTask(DetConfig()).build_datasets()
+    data = DetDataConfig(train_images=str(shapes["train_images"]), train_ann=str(shapes["train_ann"]))
+    cfg = DetConfig(data=data, model=ModelConfig(num_classes=5))
+    with pytest.raises(ConfigError, match="3 categories"):
+        DetTask(cfg).build_datasets()
+    task = DetTask(dataclasses.replace(cfg, model=ModelConfig()))
+    train, val = task.build_datasets()
+    assert val is None and task.class_names == list(CLASSES) and len(train) == 12
+    with pytest.raises(ValueError, match="detector.arch"):
+        from davit.tasks.detection.task import DetectorConfig
+
+        DetectorConfig(arch="fcos")

@@ -231,3 +231,27 @@ def test_wrong_size_checkpoint_is_refused(tmp_path: Path) -> None:
     torch.save({"state_dict": {f"backbone.{k}": v for k, v in _to_official(other.state_dict()).items()}}, path)
     with pytest.raises(CheckpointError, match="another size"):
         build_detector("retinanet", 3, pretrained=str(path), backbone_overrides=MICRO, **SMALL_HEADS)
+
+
+@pytest.mark.parametrize("arch", ["mask_rcnn", "retinanet"])
+def test_autocast_reaches_only_the_backbone_and_checkpointing_is_exact(arch: str) -> None:
+    model = _detector(arch)
+    images, targets = _targets(with_masks=arch == "mask_rcnn")
+    seen: list[torch.dtype] = []
+    model.backbone.body.stages[2].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    model.train()
+    torch.manual_seed(1)
+    plain = model(images, targets)
+    model.set_grad_checkpointing(True)
+    torch.manual_seed(1)
+    ckpt = model(images, targets)
+    assert all(torch.allclose(plain[k], ckpt[k]) for k in plain)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(images, targets)
+        model.eval()
+        with torch.no_grad():
+            outs = model(images)
+    assert seen[-2:] == [torch.bfloat16, torch.bfloat16] and seen[0] == torch.float32
+    # heads, box coding and losses in float32: bf16 would round a 1333-px box to 4-8 px
+    assert all(v.dtype == torch.float32 for v in losses.values())
+    assert all(o["boxes"].dtype == torch.float32 and o["scores"].dtype == torch.float32 for o in outs)

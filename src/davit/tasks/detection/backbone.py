@@ -16,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 
@@ -66,9 +67,15 @@ class DaViTFPN(nn.Module):
         self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=extra_block)
         self.out_channels = out_channels
         self.names = [str(i) for i in body.out_indices]
+        self.amp_dtype: torch.dtype | None = None  # set per call by the detector (see models._DaViTDetector)
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        feats = self.body(x)  # list of (B, C_i, H/s_i, W/s_i)
+        if self.amp_dtype is not None:
+            # The detector switched autocast off for its float32 heads; the DaViT body gets it back.
+            with torch.autocast(x.device.type, dtype=self.amp_dtype):
+                feats = [f.float() for f in self.body(x)]
+        else:
+            feats = self.body(x)  # list of (B, C_i, H/s_i, W/s_i)
         return self.fpn(OrderedDict(zip(self.names, feats)))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

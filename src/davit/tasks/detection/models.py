@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN, RetinaNet
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
@@ -22,7 +23,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from .backbone import build_davit_backbone
 
-__all__ = ["ARCHS", "MultiScaleTransform", "build_detector"]
+__all__ = ["ARCHS", "DaViTMaskRCNN", "DaViTRetinaNet", "MultiScaleTransform", "build_detector"]
 
 ARCHS = ("mask_rcnn", "retinanet")
 
@@ -52,6 +53,38 @@ class MultiScaleTransform(GeneralizedRCNNTransform):
     @min_size.setter
     def min_size(self, sizes: Sequence[int]) -> None:
         self._train_sizes = tuple(sizes)
+
+
+class _DaViTDetector:
+    """What the engine expects of a model on top of torchvision's detectors.
+
+    - ``set_grad_checkpointing`` (``train.grad_checkpointing``) recomputes the DaViT blocks.
+    - Under autocast (``train.amp``) only the DaViT body runs in reduced precision; the FPN, the heads, the box coding
+      and the losses stay in float32, as mmdet's ``force_fp32`` heads: bf16 keeps 8 bits of mantissa, which would
+      round box coordinates of a 1333-pixel image to 4-8 pixels.
+    """
+
+    backbone: nn.Module
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the backbone's blocks in the backward pass (the heads are cheap in memory)."""
+        self.backbone.set_grad_checkpointing(enable)
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> Any:
+        """torchvision's forward: the loss dict in training, one detection dict per image in eval mode."""
+        device = images[0].device.type if len(images) else "cpu"
+        enabled = torch.is_autocast_enabled(device)
+        self.backbone.amp_dtype = torch.get_autocast_dtype(device) if enabled else None
+        with torch.autocast(device, enabled=False):
+            return super().forward(images, targets)  # type: ignore[misc]
+
+
+class DaViTMaskRCNN(_DaViTDetector, MaskRCNN):
+    """torchvision's ``MaskRCNN`` on DaViT + FPN (see ``_DaViTDetector`` for checkpointing and mixed precision)."""
+
+
+class DaViTRetinaNet(_DaViTDetector, RetinaNet):
+    """torchvision's ``RetinaNet`` on DaViT + FPN (see ``_DaViTDetector`` for checkpointing and mixed precision)."""
 
 
 def build_detector(
@@ -110,7 +143,7 @@ def build_detector(
             **overrides,
         )
         resolution = 7  # MaskRCNN's default MultiScaleRoIAlign output for boxes
-        model: nn.Module = MaskRCNN(
+        model: nn.Module = DaViTMaskRCNN(
             body,
             box_head=TwoMLPHead(fpn_channels * resolution**2, representation_size),
             box_predictor=FastRCNNPredictor(representation_size, num_classes + 1),
@@ -126,7 +159,7 @@ def build_detector(
         body = build_davit_backbone(
             backbone, pretrained=pretrained, out_indices=(1, 2, 3), fpn_channels=fpn_channels, extra="p6p7", **overrides
         )
-        model = RetinaNet(
+        model = DaViTRetinaNet(
             body, num_classes=num_classes + 1, detections_per_img=detections_per_img, score_thresh=score_thresh
         )
     model.transform = MultiScaleTransform(train_sizes, test_size, max_size)

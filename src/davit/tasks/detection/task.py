@@ -212,6 +212,12 @@ class DetTask:
                     raise ConfigError(
                         f"{d.val_ann} and {d.train_ann} list different categories; both must use the same ids"
                     )
+            n = self.cfg.model.num_classes
+            if n is not None and n != len(train.cat_ids):
+                raise ConfigError(
+                    f"model.num_classes={n} but {d.train_ann} has {len(train.cat_ids)} categories; leave "
+                    "model.num_classes unset (null) to take the dataset's"
+                )
             self._datasets = (train, val)
             self.class_names = list(train.classes)
         return self._datasets
