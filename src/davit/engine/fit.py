@@ -718,7 +718,13 @@ class _Run:
                 from .curves import plot_curves
 
                 plot_curves(p.history, self.out / "curves.png", self.task.primary_metric)
-            log.info("summary: %s", json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
+            log.info("summary: %s", json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))}))
+            if p.best_epoch >= 0:
+                log.info(
+                    "weights: %s (%s %.4g at epoch %s), %s, full state %s",
+                    self.out / "best.safetensors", self.task.primary_metric, p.best, p.best_epoch,
+                    self.out / "last.safetensors", self.out / "last.pt",
+                )  # fmt: skip
         barrier()
         return summary
 

@@ -140,7 +140,8 @@ class ClassificationTask:
         out = {"top1": m["top1"], "top5": m["top5"], "val_loss": m["loss"]}
         # Unreadable images are skipped by the datasets; report how many so far (all workers, all ranks).
         train, val, _ = self._datasets()
-        skipped = torch.tensor([float(skipped_images(train) + (skipped_images(val) if val is not None else 0))])
+        count = skipped_images(train) + (skipped_images(val) if val is not None else 0)
+        skipped = torch.tensor([float(count)], device=next(model.parameters()).device)  # NCCL reduces GPU tensors
         n = float(all_reduce_sum(skipped).item())
         if n > 0:
             out["skipped_images"] = n
