@@ -118,3 +118,56 @@ def test_corrupt_images_are_skipped_and_counted_in_the_log(tmp_path: Path) -> No
     assert rows[-1]["skipped_images"] >= 1
     log = (out / "log.txt").read_text()
     assert "unreadable images skipped so far" in log and "broken" in log
+
+
+def _folder(root: Path, classes: tuple[str, ...], n: int = 6) -> Path:
+    rng = np.random.default_rng(1)
+    for split in ("train", "val"):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(d / f"{i}.jpg")
+    return root
+
+
+MICRO_IMAGENET = [
+    "model.overrides.embed_dims=[8,16,32,64]",
+    "model.overrides.depths=[1,1,1,1]",
+    "model.overrides.num_heads=[1,2,2,4]",
+    "data.img_size=32",
+    "epochs=0",
+    "iters=2",
+    "eval_every=2",
+    "batch_size=4",
+    "workers=0",
+    "threads=1",
+    "amp=none",
+    "sched.warmup=1",
+    "sched.cooldown=0",
+]
+
+
+def test_official_imagenet_recipe_runs_end_to_end_on_a_tiny_folder(tmp_path: Path) -> None:
+    # RandAugment, random erasing, mixup/cutmix soft targets with label smoothing, grad clipping, the lr scaled
+    # from 1e-3 per 1024 to the global batch of 4.
+    root = _folder(tmp_path / "imgs", ("n01", "n02", "n03"))
+    out = tmp_path / "run"
+    recipe = str(ROOT / "configs/cls/davit_tiny_in1k.yaml")
+    assert main(["train", "--config", recipe, "--out", str(out), f"data.root={root}", *MICRO_IMAGENET]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["lr"] == pytest.approx(1e-3 * 4 / 1024) and s["global_batch"] == 4
+    _, cfg = load_run_config(out / "config.yaml")
+    assert cfg.data.auto_augment == "rand-m9-mstd0.5-inc1" and cfg.data.reprob == 0.25 and cfg.data.mixup == 0.8
+    assert json.loads(read_safetensors_metadata(out / "best.safetensors")["class_names"]) == ["n01", "n02", "n03"]
+
+
+def test_finetune_recipe_from_local_weights_to_new_classes(run: Path, tmp_path: Path) -> None:
+    root = _folder(tmp_path / "imgs", ("cat", "dog"))
+    out = tmp_path / "ft"
+    recipe = str(ROOT / "configs/cls/finetune_imagefolder.yaml")
+    args = [f"data.root={root}", f"model.pretrained={run / 'last.safetensors'}", *MICRO_IMAGENET]
+    assert main(["train", "--config", recipe, "--out", str(out), *args]) == 0
+    assert "classifier re-initialised for 2 classes" in (out / "log.txt").read_text()
+    model = davit.create_model("davit_tiny", pretrained=str(out / "last.safetensors"))
+    assert model.cfg.num_classes == 2
