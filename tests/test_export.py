@@ -57,10 +57,10 @@ def test_export_errors_are_clear(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_torch_export_dynamic_multiples_of_32(tiny_model: davit.DaViT) -> None:
-    program = export_program(tiny_model, img_size=64)
-    for shape in [(2, 3, 64, 64), (1, 3, 96, 160), (3, 3, 32, 224)]:
-        x = torch.randn(shape)
+def test_torch_export_dynamic_batch(tiny_model: davit.DaViT) -> None:
+    program = export_program(tiny_model, img_size=(64, 96))
+    for batch in (1, 2, 5):
+        x = torch.randn(batch, 3, 64, 96)
         with torch.no_grad():
             torch.testing.assert_close(program.module()(x), tiny_model(x), rtol=1e-4, atol=1e-5)
 

@@ -6,11 +6,13 @@ the patch and window sizes, window counts), so one file serves every batch size 
 its branch-free path while tracing (see ``davit.models.davit._tracing``), so images smaller than one window are exact
 too.
 
-``torch.export`` (:func:`export_program`) keeps H and W dynamic in multiples of 32 (the network's total stride): with
-fully free sizes the symbolic shape solver has to reason about ``((H + pad) // 4) // 2 ...`` chains of floor
-divisions and gives up ("cannot be solved using solve_univariate_inequality"); expressing H and W as ``32 * k`` makes
-every padding amount provably zero and the program exact for all such sizes. Other sizes: pad the image yourself or
-use the ONNX file.
+``torch.export`` (:func:`export_program`) keeps the batch dynamic but fixes H and W to the example size. Why not
+dynamic H/W (torch 2.14): the model pads right/bottom to the patch, downsampling and window sizes, so every stage's
+size is a chain like ``(((H + (4 - H % 4) % 4) // 4 + p1) // 2 + p2) // 2 ...``; with free ``Dim``s the symbolic
+shape solver raises "The inequality (((x/4)//4)) > 0 cannot be solved using solve_univariate_inequality", and with
+H, W constrained to multiples of 32 (every pad provably zero) the export did not finish within 400 s on this machine.
+The ONNX file (traced, not symbolically solved) is the dynamic-size artefact; export one program per resolution
+otherwise.
 """
 
 from __future__ import annotations
@@ -131,28 +133,23 @@ def check_onnx(
 
 
 def export_program(
-    model: nn.Module, *, img_size: int = 224, batch: int = 2, max_size: int = 4096
+    model: nn.Module, *, img_size: int | tuple[int, int] = 224, batch: int = 2
 ) -> torch.export.ExportedProgram:
-    """``torch.export`` the classifier with dynamic batch and dynamic H, W in multiples of 32 (see the module notes).
+    """``torch.export`` the classifier with a dynamic batch at a fixed image size (see the module notes for why).
 
     Args:
         model: a DaViT classifier.
-        img_size: the example image side (a multiple of 32).
+        img_size: the image size the program accepts (side, or ``(H, W)``).
         batch: the example batch (>= 2 so the batch dimension stays symbolic).
-        max_size: the largest H or W the program accepts.
 
     Returns:
-        The exported program; ``program.module()(x)`` runs it.
+        The exported program; ``program.module()(x)`` runs it for any batch size.
     """
     model = _classifier(model)
-    if img_size % 32:
-        raise ValueError(f"img_size must be a multiple of 32 for torch.export, got {img_size}")
-    hk = torch.export.Dim("h32", min=1, max=max_size // 32)
-    wk = torch.export.Dim("w32", min=1, max=max_size // 32)
-    bd = torch.export.Dim("batch", min=1, max=4096)
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
     p0 = next(model.parameters())
-    x = torch.randn(batch, model.cfg.in_chans, img_size, img_size, device=p0.device, dtype=p0.dtype)
-    return torch.export.export(model, (x,), dynamic_shapes={"x": {0: bd, 2: 32 * hk, 3: 32 * wk}})
+    x = torch.randn(max(batch, 2), model.cfg.in_chans, h, w, device=p0.device, dtype=p0.dtype)
+    return torch.export.export(model, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}})
 
 
 def export_model(
