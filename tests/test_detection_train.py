@@ -20,14 +20,24 @@ from davit.tasks.detection.task import DetTask, load_det_config
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "det" / "synthetic_demo.yaml"
 
 
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    # Small detectors on a shared CPU: OpenMP threads spin-wait for each other; one thread is several times faster.
+    torch.set_num_threads(1)
+
+
 def _overrides(data: Path) -> list[str]:
     return [
         f"data.train_images={data / 'train'}",
         f"data.train_ann={data / 'annotations' / 'train.json'}",
         f"data.val_images={data / 'val'}",
         f"data.val_ann={data / 'annotations' / 'val.json'}",
-        "data.train_sizes=[128]",
-        "data.test_size=128",
+        "model.overrides={embed_dims: [16, 32, 64, 128], depths: [1, 1, 1, 1], num_heads: [1, 2, 4, 8], "
+        "window_size: 4, drop_path_rate: 0.0}",
+        "detector.fpn_channels=48",
+        "detector.mask_channels=32",
+        "data.train_sizes=[112]",
+        "data.test_size=112",
         "data.max_size=200",
         "data.crop_scales=[112,128]",
         "data.crop_range=[80,128]",
