@@ -204,6 +204,8 @@ class DetTask:
                 verify_images=d.verify_images,
             )  # fmt: skip
             val = None
+            if d.val_ann and not d.val_images:
+                raise ConfigError("data.val_ann is set but data.val_images is not: give the validation image folder")
             if d.val_ann:
                 val = CocoDetection(
                     d.val_images, d.val_ann, train=False, with_masks=False, verify_images=d.verify_images
