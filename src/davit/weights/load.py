@@ -14,7 +14,7 @@ from torch import nn
 
 from .convert import ConvertedStateDict, convert_state_dict
 from .inspect import infer_architecture
-from .io import CheckpointError, read_checkpoint
+from .io import CheckpointError, read_checkpoint, read_safetensors_metadata
 
 __all__ = ["LoadReport", "load_checkpoint", "load_state"]
 
@@ -47,6 +47,9 @@ def load_state(
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         sd = convert_state_dict(read_checkpoint(path_or_state_dict), source)
         sd.origin = Path(path_or_state_dict).name
+        meta = read_safetensors_metadata(path_or_state_dict)
+        if meta.get("format") == "davit" or "davit_config" in meta:
+            sd.source = "davit"  # our own files (same names as timm's), say so in reports
         return sd
     return convert_state_dict(path_or_state_dict, source)
 
