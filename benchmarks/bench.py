@@ -43,6 +43,7 @@ from typing import Any
 
 MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736", "MALLOC_TOP_PAD_": "536870912"}
 HERE = Path(__file__).resolve().parent
+DROP_PATH = 0.1  # the paper's Tiny recipe; set on both sides (timm's default is 0, ours 0.1)
 
 
 def _reexec_with_malloc_tuning() -> None:
@@ -238,6 +239,15 @@ def _timm_sd_from_ours(sd: dict[str, Any], ref: Any) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- worker processes
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM). Not ``ru_maxrss``: Linux carries that across ``execve``, so a
+    worker would inherit the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     """Run in a fresh process: one training configuration, or one high-resolution forward."""
     import torch
@@ -246,7 +256,7 @@ def _worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss0 = _peak_rss_mb()
     if kind == "hires":
         model = davit.create_model(spec["model"]).eval()
         x = torch.randn(1, 3, spec["size"], spec["size"])
@@ -259,15 +269,15 @@ def _worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
         return {
             "size": spec["size"],
             "sec": round(min(times), 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "peak_rss_mb": round(_peak_rss_mb()),
             "rss_before_mb": round(rss0),
         }
     if spec["impl"] == "timm":
         import timm
 
-        model = timm.create_model(spec["model"], num_classes=1000)
+        model = timm.create_model(spec["model"], num_classes=1000, drop_path_rate=DROP_PATH)
     else:
-        model = davit.create_model(spec["model"])
+        model = davit.create_model(spec["model"], drop_path_rate=DROP_PATH)
         if spec.get("ckpt"):
             model.set_grad_checkpointing(True)
     model.train()
@@ -275,10 +285,10 @@ def _worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     x = torch.randn(spec["batch"], 3, 224, 224)
     y = torch.randint(0, 1000, (spec["batch"],))
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if spec["dtype"] == "bf16" else contextlib.nullcontext
-    rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    times = []
+    rss_model = _peak_rss_mb()
+    times, cpu = [], []
     for i in range(spec["steps"] + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with ctx():
             loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
@@ -286,11 +296,13 @@ def _worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
         if i:  # the first step also allocates AdamW's state
             times.append(time.perf_counter() - t0)
+            cpu.append((time.process_time() - c0) / times[-1] / spec["threads"])
     sec = statistics.median(times)
     return {
         "img_s": round(spec["batch"] / sec, 2),
+        "cpu_share": round(statistics.median(cpu), 2),
         "sec_per_step": round(sec, 3),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_rss_mb": round(_peak_rss_mb()),
         "rss_after_build_mb": round(rss_model),
     }
 
@@ -307,19 +319,31 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     rows = {}
     configs = [("timm", "fp32", False), ("ours", "fp32", False), ("timm", "bf16", False), ("ours", "bf16", False)]
     configs += [("ours", "fp32", True), ("ours", "bf16", True)]
-    for impl, dtype, ckpt in configs:
-        spec = {
-            "impl": impl,
-            "dtype": dtype,
-            "ckpt": ckpt,
-            "model": args.model,
-            "batch": args.train_batch,
-            "steps": 2 if args.quick else 4,
-            "threads": args.threads,
-        }
-        name = f"{dtype}/{impl}" + (" +grad-ckpt" if ckpt else "")
-        rows[name] = {**_spawn("train", spec), "batch": args.train_batch}
-        print(f"  train {name}: {rows[name]} (load {os.getloadavg()[0]:.1f})", flush=True)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    # Fresh process per configuration; configurations alternate over rounds so load spikes hit both sides.
+    for _ in range(1 if args.quick else 2):
+        for impl, dtype, ckpt in configs:
+            spec = {
+                "impl": impl,
+                "dtype": dtype,
+                "ckpt": ckpt,
+                "model": args.model,
+                "batch": args.train_batch,
+                "steps": 2 if args.quick else 3,
+                "threads": args.threads,
+            }
+            name = f"{dtype}/{impl}" + (" +grad-ckpt" if ckpt else "")
+            r = _spawn("train", spec)
+            runs.setdefault(name, []).append(r)
+            print(f"  train {name}: {r} (load {os.getloadavg()[0]:.1f})", flush=True)
+    for name, rs in runs.items():
+        ok = [r for r in rs if "error" not in r]
+        if not ok:
+            rows[name] = rs[0]
+            continue
+        best = max(ok, key=lambda r: r["img_s"])  # the least disturbed run: load only ever slows a run down
+        rows[name] = {**best, "peak_rss_mb": max(r["peak_rss_mb"] for r in ok), "runs": len(ok)}
+        rows[name]["batch"] = args.train_batch
     return rows
 
 
