@@ -81,16 +81,18 @@ def test_noncontiguous_category_ids_map_to_labels(tmp_path: Path, shapes: dict[s
     assert [ds.cat_ids[k - 1] for k in ds[0][1]["labels"].tolist()] == first
 
 
-def test_detr_crop_keeps_boxes_and_masks_consistent(shapes: dict[str, Path]) -> None:
-    crop = DetrCrop(scales=(80, 96), crop_range=(48, 72), max_size=200)
+@pytest.mark.parametrize("allow_empty", [True, False])
+def test_detr_crop_keeps_boxes_and_masks_consistent(shapes: dict[str, Path], allow_empty: bool) -> None:
+    crop = DetrCrop(scales=(80, 96), crop_range=(24, 40), max_size=200, allow_empty=allow_empty)
     base = CocoDetection(shapes["train_images"], shapes["train_ann"], train=True, transforms=crop)
-    seen_sizes = set()
-    for i in range(8):
+    seen_sizes, empties = set(), 0
+    for i in range(24):
         torch.manual_seed(i)
-        img, t = base[i]
+        img, t = base[i % len(base)]
         h, w = img.shape[-2:]
         seen_sizes.add((h, w))
-        assert len(t["boxes"]) == len(t["labels"]) == len(t["masks"]) > 0  # a crop never leaves an image empty
+        assert len(t["boxes"]) == len(t["labels"]) == len(t["masks"])
+        empties += len(t["boxes"]) == 0
         assert t["masks"].shape[-2:] == (h, w)
         assert (t["boxes"][:, 2:] > t["boxes"][:, :2]).all()
         assert (t["boxes"][:, 0::2] <= w).all() and (t["boxes"][:, 1::2] <= h).all()
@@ -99,7 +101,9 @@ def test_detr_crop_keeps_boxes_and_masks_consistent(shapes: dict[str, Path]) -> 
                 mb = _mask_box(mask)
                 # The clipped original box contains the cropped mask.
                 assert box[0] - 1 <= mb[0] and box[1] - 1 <= mb[1] and mb[2] <= box[2] + 1 and mb[3] <= box[3] + 1
-    assert len(seen_sizes) > 1 and all(48 <= min(s) and max(s) <= 72 for s in seen_sizes)
+    assert len(seen_sizes) > 1 and all(24 <= min(s) and max(s) <= 40 for s in seen_sizes)
+    # The official configs keep crops without boxes; allow_empty=False redraws them.
+    assert (empties > 0) if allow_empty else (empties == 0)
 
 
 def test_flip_moves_boxes(shapes: dict[str, Path]) -> None:

@@ -273,13 +273,21 @@ class DetrCrop:
     """Resize the short side to one of ``scales`` (long side <= ``max_size``), then crop a random patch whose height
     and width are drawn from ``crop_range`` (mmdet's ``RandomCrop(crop_type='absolute_range')``).
 
-    A crop that would leave no box is redrawn (mmdet's ``allow_negative_crop=False``); after ``tries`` failures the
-    resized image is kept whole.
+    The official DaViT configs keep a crop that leaves no box (``allow_negative_crop=True``: the image then trains
+    the detectors' background terms only). With ``allow_empty=False`` such a crop is redrawn instead, and after
+    ``tries`` failures the resized image is kept whole.
     """
 
-    def __init__(self, scales: Sequence[int], crop_range: tuple[int, int], max_size: int, tries: int = 10) -> None:
+    def __init__(
+        self,
+        scales: Sequence[int],
+        crop_range: tuple[int, int],
+        max_size: int,
+        allow_empty: bool = True,
+        tries: int = 10,
+    ) -> None:
         self.resize = v2.RandomShortestSize(list(scales), max_size=max_size)
-        self.crop_range, self.tries = crop_range, tries
+        self.crop_range, self.allow_empty, self.tries = crop_range, allow_empty, tries
         self.sanitize = v2.Compose([v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes()])
 
     def __call__(self, image: Any, target: Any) -> tuple[Any, Any]:
@@ -295,7 +303,7 @@ class DetrCrop:
                 k: v2.functional.crop(v, top, left, ch, cw) if k in ("boxes", "masks") else v for k, v in target.items()
             }
             img_c, crop = self.sanitize(v2.functional.crop(image, top, left, ch, cw), crop)
-            if len(crop["boxes"]):
+            if len(crop["boxes"]) or self.allow_empty:
                 return img_c, crop
         return image, target
 
@@ -328,6 +336,7 @@ def build_det_transforms(
     crop_range: tuple[int, int] = (384, 600),
     max_size: int = 1333,
     flip: float = 0.5,
+    crop_allow_empty: bool = True,
 ) -> Transform | None:
     """The dataset side of the recipe's augmentation (the detector resizes to ``min_size``/``max_size`` itself).
 
@@ -338,6 +347,7 @@ def build_det_transforms(
         crop_range: the crop's (min, max) height and width.
         max_size: long-side cap of that resize.
         flip: horizontal flip probability.
+        crop_allow_empty: keep crops that contain no box (the official setting), see :class:`DetrCrop`.
     """
     if aug not in ("detr", "flip", "none"):
         raise ValueError(f"data.aug must be 'detr', 'flip' or 'none', got {aug!r}")
@@ -345,7 +355,7 @@ def build_det_transforms(
         return None
     steps: list[Transform] = [v2.RandomHorizontalFlip(flip)]
     if aug == "detr":
-        steps.append(_RandomChoice([None, DetrCrop(crop_scales, crop_range, max_size)]))
+        steps.append(_RandomChoice([None, DetrCrop(crop_scales, crop_range, max_size, crop_allow_empty)]))
     return _Chain(steps)
 
 

@@ -20,6 +20,7 @@ from torchvision.models.detection import MaskRCNN, RetinaNet
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import MultiScaleRoIAlign
 
 from .backbone import build_davit_backbone
 
@@ -142,10 +143,13 @@ def build_detector(
             extra="pool",
             **overrides,
         )
-        resolution = 7  # MaskRCNN's default MultiScaleRoIAlign output for boxes
+        levels = ["0", "1", "2", "3"]  # RoIs pool from P2..P5, not from the max-pooled P6
         model: nn.Module = DaViTMaskRCNN(
             body,
-            box_head=TwoMLPHead(fpn_channels * resolution**2, representation_size),
+            # sampling_ratio 0 = adaptive, as the official RoIAlign (torchvision's default is 2 points per bin)
+            box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=0),
+            mask_roi_pool=MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=0),
+            box_head=TwoMLPHead(fpn_channels * 7**2, representation_size),
             box_predictor=FastRCNNPredictor(representation_size, num_classes + 1),
             mask_head=MaskRCNNHeads(fpn_channels, (mask_channels,) * 4, 1),
             mask_predictor=MaskRCNNPredictor(mask_channels, mask_channels, num_classes + 1),

@@ -66,6 +66,7 @@ class DetDataConfig:
         crop_scales: short sides of the resize before the random crop (400, 500, 600).
         crop_range: the crop's min and max height/width (384, 600).
         flip: horizontal flip probability.
+        crop_allow_empty: keep random crops that contain no box (official ``allow_negative_crop=True``).
         verify_images: open every image header at start and skip unreadable files.
     """
 
@@ -80,6 +81,7 @@ class DetDataConfig:
     crop_scales: tuple[int, ...] = (400, 500, 600)
     crop_range: tuple[int, int] = (384, 600)
     flip: float = 0.5
+    crop_allow_empty: bool = True
     verify_images: bool = True
 
     def __post_init__(self) -> None:
@@ -198,7 +200,7 @@ class DetTask:
             d = self.cfg.data
             if not d.train_ann or not d.train_images:
                 raise ConfigError("set data.train_ann and data.train_images (a COCO json and its image folder)")
-            tf = build_det_transforms(True, d.aug, d.crop_scales, d.crop_range, d.max_size, d.flip)
+            tf = build_det_transforms(True, d.aug, d.crop_scales, d.crop_range, d.max_size, d.flip, d.crop_allow_empty)
             train = CocoDetection(
                 d.train_images, d.train_ann, train=True, with_masks=self.with_masks, transforms=tf,
                 verify_images=d.verify_images,
