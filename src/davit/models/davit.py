@@ -255,7 +255,9 @@ class ChannelAttention(nn.Module):
             attn = (k * self.head_dim**-0.5).transpose(-1, -2) @ v  # (B, G, Cg, Cg)
             value = q
         attn = attn.softmax(dim=-1)
-        x = value @ attn.transpose(-1, -2)  # (B, G, N, Cg)
+        # (A v^T)^T rather than v A^T: same values, but the GEMM then has the long N axis as its output columns,
+        # which oneDNN runs 5x faster than N rows of a 32-wide product (measured at 896x896).
+        x = (attn @ value.transpose(-1, -2)).transpose(-1, -2)  # (B, G, Cg, N) -> (B, G, N, Cg) view
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
         return linear(x, self.proj, residual=residual)
 
