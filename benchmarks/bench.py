@@ -5,7 +5,8 @@
 
 Sections (each can be skipped with --skip NAME):
   gemm    this machine's fp32 (MKL and oneDNN) and bf16 GEMM rates, the ceilings the table's "peak" column uses;
-  infer   timm eager, timm exported to onnxruntime, ours eager, ours exported to onnxruntime, ``davit.optimize``;
+  infer   timm eager, timm exported to onnxruntime, ours eager, ours exported to onnxruntime, ``davit.optimize``
+          (and with ``compile=True``, unless --quick or --skip compile);
           fp32 and bf16 (autocast), batch 1 latency (ms) and batch 32 throughput (images/s); every configuration
           is timed in interleaved rounds in this process and reported as the median;
   train   one AdamW + cross-entropy step, fp32 and bf16 autocast, ours vs timm (and ours with gradient
@@ -176,9 +177,11 @@ def bench_infer(args: argparse.Namespace, flops_per_image: float) -> dict[str, A
         xn = x.numpy()
         fast: dict[str, Any] = {}
         for dtype_name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-            t0 = time.perf_counter()
-            fast[dtype_name] = optimize(copy.deepcopy(ours), example_input=x, dtype=dtype)
-            info[f"optimize_{dtype_name}_b{batch}_s"] = round(time.perf_counter() - t0, 1)
+            for comp in (False, True) if "compile" not in args.skip else (False,):
+                key = dtype_name + ("+compile" if comp else "")
+                t0 = time.perf_counter()
+                fast[key] = optimize(copy.deepcopy(ours), example_input=x, dtype=dtype, compile=comp)
+                info[f"optimize_{key}_b{batch}_s"] = round(time.perf_counter() - t0, 1)
 
         def run(m: Any, ctx: Callable[[], Any] | None = None, x: Any = x) -> Callable[[], Any]:
             def fn() -> Any:
@@ -195,6 +198,9 @@ def bench_infer(args: argparse.Namespace, flops_per_image: float) -> dict[str, A
             "bf16/ours eager": run(ours, bf16),
             "bf16/ours optimize": run(fast["bf16"]),
         }
+        for key in ("fp32+compile", "bf16+compile"):
+            if key in fast:
+                cands[f"{key[:4]}/ours optimize compile"] = run(fast[key])
         for side, s in sess.items():
             name = s.get_inputs()[0].name
             cands[f"fp32/{side} onnxruntime"] = lambda s=s, name=name, xn=xn: s.run(None, {name: xn})
@@ -501,11 +507,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=None, help="throughput batch (default 32, quick 8)")
     p.add_argument("--train-batch", type=int, default=None, help="training batch (default 16, quick 8)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 7, quick 3)")
-    p.add_argument("--skip", default="", help="comma list of sections to skip: gemm,infer,onnx,train,scale,hires")
+    p.add_argument(
+        "--skip", default="", help="comma list of sections to skip: gemm,infer,onnx,compile,train,scale,hires"
+    )
     p.add_argument("--no-malloc-tuning", action="store_true", help="keep glibc's default allocator settings")
     p.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.skip = {s.strip() for s in a.skip.split(",") if s.strip()}
+    if a.quick:
+        a.skip.add("compile")  # ~25 s of compilation per shape and dtype
     a.batch = a.batch or (8 if a.quick else 32)
     a.train_batch = a.train_batch or (8 if a.quick else 16)
     a.rounds = a.rounds or (3 if a.quick else 7)
