@@ -72,10 +72,12 @@ def test_run_config_picks_the_task_and_rejects_typos() -> None:
         load_run_config(ROOT / "configs/cls/nope.yaml")
 
 
-@pytest.mark.parametrize("recipe", sorted((ROOT / "configs/cls").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "recipe",
+    sorted(p for p in (ROOT / "configs/cls").glob("*.yaml") if not p.name.startswith("_")),
+    ids=lambda p: p.name,
+)
 def test_every_cls_recipe_loads(recipe: Path) -> None:
-    if recipe.name.startswith("_"):
-        pytest.skip("a base file")
     _, cfg = load_run_config(recipe)
     assert (cfg.train.epochs > 0) != (cfg.train.iters > 0)
 
