@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from official_layout import to_official
 
 import davit
 from davit.tasks.detection.backbone import DaViTFPN, build_davit_backbone
@@ -148,28 +149,6 @@ def test_bad_arch_and_classes() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ weights
-def _to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our keys -> the official DaViT names (facts 4.4), written independently of the library's converter."""
-    rules = [
-        (r"^stem\.conv\.", "patch_embeds.0.proj."),
-        (r"^stem\.norm\.", "patch_embeds.0.norm."),
-        (r"^stages\.(\d)\.downsample\.conv\.", r"patch_embeds.\1.proj."),
-        (r"^stages\.(\d)\.downsample\.norm\.", r"patch_embeds.\1.norm."),
-        (r"^stages\.(\d)\.blocks\.", r"main_blocks.\1."),
-        (r"\.cpe1\.", ".cpe.0."),
-        (r"\.cpe2\.", ".cpe.1."),
-        (r"^out_norms\.(\d)\.", r"norm\1."),
-        (r"^head\.norm\.", "norms."),
-        (r"^head\.fc\.", "head."),
-    ]
-    out = {}
-    for k, v in sd.items():
-        for pat, rep in rules:
-            k = re.sub(pat, rep, k)
-        out[k] = v.clone()
-    return out
-
-
 def _randomise(model: torch.nn.Module) -> None:
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -183,7 +162,7 @@ def test_official_mmdet_checkpoint_gives_identical_backbone(
 ) -> None:
     src = davit.create_model("davit_tiny", features_only=True, **MICRO).eval()
     _randomise(src)  # every tensor differs from a fresh init, the per-stage norms included
-    sd = {f"backbone.{k}": v for k, v in _to_official(src.state_dict()).items()}
+    sd = {f"backbone.{k}": v for k, v in to_official(src.state_dict()).items()}
     assert "backbone.norm0.weight" in sd and "backbone.patch_embeds.1.proj.weight" in sd
     # an mmdet file also holds the neck and heads, which do not map onto torchvision's and are left aside
     sd["neck.lateral_convs.0.conv.weight"] = torch.randn(256, 16, 1, 1)
@@ -206,7 +185,7 @@ def test_official_mmdet_checkpoint_gives_identical_backbone(
 def test_classification_checkpoint_initialises_backbone(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cls = davit.create_model("davit_tiny", num_classes=5, **MICRO).eval()
     _randomise(cls)
-    files = {"ours.safetensors": cls.state_dict(), "official.pth": _to_official(cls.state_dict())}
+    files = {"ours.safetensors": cls.state_dict(), "official.pth": to_official(cls.state_dict())}
     for name, sd in files.items():
         path = tmp_path / name
         if name.endswith(".safetensors"):
@@ -228,7 +207,7 @@ def test_classification_checkpoint_initialises_backbone(tmp_path: Path, caplog: 
 def test_wrong_size_checkpoint_is_refused(tmp_path: Path) -> None:
     other = davit.create_model("davit_tiny", features_only=True, **{**MICRO, "embed_dims": (8, 16, 32, 64)})
     path = tmp_path / "other.pth"
-    torch.save({"state_dict": {f"backbone.{k}": v for k, v in _to_official(other.state_dict()).items()}}, path)
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in to_official(other.state_dict()).items()}}, path)
     with pytest.raises(CheckpointError, match="another size"):
         build_detector("retinanet", 3, pretrained=str(path), backbone_overrides=MICRO, **SMALL_HEADS)
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pytest
 import torch
+from official_layout import to_official
 from sklearn.metrics import confusion_matrix, jaccard_score
 
 import davit
@@ -202,24 +201,11 @@ def test_multiscale_flip_probabilities(micro_model):
 # ----------------------------------------------------------------------------------------------- checkpoints
 def _to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our segmentation model's keys -> the official mmseg layout (facts 4.4 and mmcv ConvModule names)."""
-    rules = [
-        (r"^backbone\.stem\.conv\.", "backbone.patch_embeds.0.proj."),
-        (r"^backbone\.stem\.norm\.", "backbone.patch_embeds.0.norm."),
-        (r"^backbone\.stages\.(\d+)\.downsample\.conv\.", r"backbone.patch_embeds.\1.proj."),
-        (r"^backbone\.stages\.(\d+)\.downsample\.norm\.", r"backbone.patch_embeds.\1.norm."),
-        (r"^backbone\.stages\.(\d+)\.blocks\.", r"backbone.main_blocks.\1."),
-        (r"\.cpe1\.", ".cpe.0."),
-        (r"\.cpe2\.", ".cpe.1."),
-        (r"^backbone\.out_norms\.(\d)\.", r"backbone.norm\1."),
+    heads = [
         (r"^((?:decode|auxiliary)_head\.(?!conv_seg).*)\.0\.weight$", r"\1.conv.weight"),
         (r"^((?:decode|auxiliary)_head\..*)\.1\.(weight|bias|running_\w+|num_batches_tracked)$", r"\1.bn.\2"),
     ]
-    out = {}
-    for k, v in sd.items():
-        for pat, rep in rules:
-            k = re.sub(pat, rep, k)
-        out[k] = v.clone()
-    return out
+    return to_official(sd, prefix="backbone.", extra_rules=heads)
 
 
 def _randomise(model: torch.nn.Module) -> None:

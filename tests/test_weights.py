@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from official_layout import to_official
 
 import davit
 from davit.weights import CheckpointError, convert_state_dict, read_checkpoint, save_safetensors
@@ -30,20 +31,6 @@ def _perturb(model: torch.nn.Module) -> torch.nn.Module:
 def timm_tiny() -> torch.nn.Module:
     torch.manual_seed(0)
     return _perturb(timm.create_model("davit_tiny", num_classes=1000))
-
-
-def to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """timm names -> the official dingmyu/davit names (facts section 4.4), written independently of the converter."""
-    out = {}
-    for k, v in sd.items():
-        k = k.replace("stem.conv.", "patch_embeds.0.proj.").replace("stem.norm.", "patch_embeds.0.norm.")
-        k = re.sub(r"^stages\.(\d+)\.downsample\.conv\.", r"patch_embeds.\1.proj.", k)
-        k = re.sub(r"^stages\.(\d+)\.downsample\.norm\.", r"patch_embeds.\1.norm.", k)
-        k = re.sub(r"^stages\.(\d+)\.blocks\.", r"main_blocks.\1.", k)
-        k = k.replace(".cpe1.", ".cpe.0.").replace(".cpe2.", ".cpe.1.")
-        k = k.replace("head.norm.", "norms.").replace("head.fc.", "head.")
-        out[k] = v
-    return out
 
 
 def to_mmpretrain(official: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
