@@ -25,3 +25,12 @@ def tiny_cfg() -> davit.DaViTConfig:
 @pytest.fixture
 def tiny_model(tiny_cfg: davit.DaViTConfig) -> davit.DaViT:
     return davit.DaViT(tiny_cfg).eval()
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one thread: two threads per process oversubscribe a shared 2-core machine (~5x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -33,12 +33,8 @@ def _dataset(root, **kw):
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # Two threads per process oversubscribe a shared 2-core machine (~5x slower); one is the fast choice here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here runs on one thread (see conftest.one_thread)."""
 
 
 # ------------------------------------------------------------------------------------------------------ labels
