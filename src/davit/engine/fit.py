@@ -306,6 +306,14 @@ class _Run:
                 name = type(model).__name__
                 raise ConfigError(f"{name} has no set_grad_checkpointing(); set train.grad_checkpointing=false")
             model.set_grad_checkpointing(True)
+        if tc.memory_saving != "none":
+            if not hasattr(model, "set_memory_saving"):
+                name = type(model).__name__
+                raise ConfigError(f"{name} has no set_memory_saving(); set train.memory_saving=none")
+            try:
+                model.set_memory_saving(tc.memory_saving)
+            except ValueError as e:
+                raise ConfigError(f"train.memory_saving: {e}") from None
         model.to(self.device)
         if tc.channels_last:
             model.to(memory_format=torch.channels_last)

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .fused import ChannelCore, WindowCore, _onednn_ok, attn_branch, linear, ln_mlp, use_fused_training
+
 __all__ = [
     "ChannelAttention",
     "ChannelBlock",
@@ -49,51 +51,6 @@ def drop_path(x: Tensor, prob: float, training: bool) -> Tensor:
     keep = 1.0 - prob
     mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
     return x * mask.div_(keep)
-
-
-def _onednn_ok(x: Tensor, weight: Tensor) -> bool:
-    """Whether :func:`linear` may call oneDNN directly: CPU inference in eager mode, float32 or bfloat16."""
-    if not x.is_cpu or torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return False  # oneDNN's fused op has no backward
-    return weight.dtype in (torch.float32, torch.bfloat16) and _HAS_ONEDNN
-
-
-_HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def linear(x: Tensor, fc: nn.Linear, gelu: bool = False, residual: Tensor | None = None) -> Tensor:
-    """``fc(x)``, optionally followed by exact (erf) GELU or preceded by ``residual +``, in one oneDNN call on CPU.
-
-    Why: ``F.linear`` first copies the broadcast bias into a fresh output and then accumulates the GEMM onto it, and
-    GELU is one more full pass over the widest activation; oneDNN adds the bias and applies GELU inside the GEMM, which
-    makes the stage-1/2 Linears (small K, huge M) up to 2x faster with identical results; a residual added in the
-    GEMM's epilogue saves one more pass (float addition commutes, so ``residual + y`` is bit-identical). Training,
-    autograd, ``torch.compile``, ``torch.export`` and ONNX export take the plain path.
-    """
-    w, b = fc.weight, fc.bias
-    if _onednn_ok(x, w):
-        if torch.is_autocast_enabled("cpu"):
-            dt = torch.get_autocast_dtype("cpu")
-            if dt != torch.bfloat16:
-                return _plain_linear(x, w, b, gelu, residual)
-            # What autocast would do for F.linear: compute in bf16 (the residual stream stays fp32, added outside).
-            x, w, b = x.to(dt), w.to(dt), (None if b is None else b.to(dt))
-        elif x.dtype != w.dtype:
-            return _plain_linear(x, w, b, gelu, residual)
-        if residual is not None and not gelu and residual.dtype == x.dtype and residual.is_contiguous():
-            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, b, "add")
-        y = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu" if gelu else "none", [], "none" if gelu else "")
-        return y if residual is None else residual + y
-    return _plain_linear(x, w, b, gelu, residual)
-
-
-def _plain_linear(x: Tensor, w: Tensor, b: Tensor | None, gelu: bool, residual: Tensor | None) -> Tensor:
-    y = F.linear(x, w, b)
-    if gelu:
-        y = F.gelu(y)
-    return y if residual is None else residual + y
 
 
 class DropPath(nn.Module):
@@ -207,7 +164,13 @@ class WindowAttention(nn.Module):
         qkv = linear(x, self.qkv).view(Bw, N, 3, self.num_heads, self.head_dim)  # (Bw, N, 3, h, d)
         qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, Bw, h, N, d)
         q, k, v = qkv.unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)  # (Bw, h, N, d); scale d**-0.5 as the official code
+        if x.is_cpu and torch.is_grad_enabled() and x.requires_grad:
+            # CPU training: explicit attention. On 49-token windows the fused SDPA's backward is 1.4x (fp32) to 6x
+            # (bf16) slower than autograd through two batched GEMMs and a softmax (benchmarks/README.md).
+            attn = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # (Bw, h, N, N)
+            x = attn @ v
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)  # (Bw, h, N, d); scale d**-0.5 as the official code
         x = x.transpose(1, 2).reshape(Bw, N, C)  # (Bw, N, C)
         return linear(x, self.proj)
 
@@ -295,6 +258,7 @@ class _DualBlockBase(nn.Module):
             self.mlp = None
         # One module used twice, as the official code: the two residuals get independent masks.
         self.drop_path = DropPath(drop_path)
+        self.memory_saving = "none"  # see DaViT.set_memory_saving
 
     def mix(self, x: Tensor, residual: Tensor | None = None) -> Tensor:  # pragma: no cover - abstract
         """The token mixer on ``(B, H, W, C)``; returns ``residual + mix(x)`` when ``residual`` is given."""
@@ -302,16 +266,23 @@ class _DualBlockBase(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.cpe1(x)  # (B, H, W, C)
-        if self.drop_path.prob == 0.0 or not self.training:
-            # No stochastic depth: hand the residual to the last Linear so it can be added in the GEMM's epilogue.
-            x = self.mix(self.norm1(x), residual=x)
-            x = self.cpe2(x)
-            return x if self.mlp is None else self.mlp(self.norm2(x), residual=x)
-        x = x + self.drop_path(self.mix(self.norm1(x)))
+        # Without stochastic depth the residual goes into the branch (added in a GEMM's epilogue where possible).
+        add = self.drop_path.prob == 0.0 or not self.training
+        # Under autograd the branches may run as custom functions that store fewer activations (fused.py).
+        fused = self.memory_saving != "none" and use_fused_training(x, self.norm1.weight)
+        if fused and self.memory_saving == "all":
+            y = attn_branch(x, self.norm1, self.attn.qkv, self.attn.proj, self.core, add_input=add)
+        else:
+            y = self.mix(self.norm1(x), residual=x if add else None)
+        x = y if add else x + self.drop_path(y)
         x = self.cpe2(x)
-        if self.mlp is not None:
-            x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x
+        if self.mlp is None or self.norm2 is None:
+            return x
+        if fused:
+            y = ln_mlp(x, self.norm2, self.mlp.fc1, self.mlp.fc2, add_input=add)
+        else:
+            y = self.mlp(self.norm2(x), residual=x if add else None)
+        return y if add else x + self.drop_path(y)
 
 
 class SpatialBlock(_DualBlockBase):
@@ -335,6 +306,7 @@ class SpatialBlock(_DualBlockBase):
         super().__init__(dim, mlp_ratio, drop_path, ffn, cpe_act, norm_eps, device=device, dtype=dtype)
         self.window_size = window_size
         self.attn = WindowAttention(dim, num_heads, qkv_bias, device=device, dtype=dtype)
+        self.core = WindowCore(window_size, num_heads)
 
     def mix(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         B, H, W, C = x.shape
@@ -373,6 +345,7 @@ class ChannelBlock(_DualBlockBase):
     ) -> None:
         super().__init__(dim, mlp_ratio, drop_path, ffn, cpe_act, norm_eps, device=device, dtype=dtype)
         self.attn = ChannelAttention(dim, num_groups, qkv_bias, v2, dynamic_scale, device=device, dtype=dtype)
+        self.core = ChannelCore(num_groups, v2, dynamic_scale)
 
     def mix(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         B, H, W, C = x.shape
@@ -469,8 +442,9 @@ class DaViTStage(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.downsample(x)
         if self.grad_checkpointing and torch.is_grad_enabled():
-            for blk in self.blocks:
-                x = checkpoint(blk, x, use_reentrant=False)
+            for dual in self.blocks:
+                for blk in dual:  # single blocks: the recomputed activations of one attention + MLP at a time
+                    x = checkpoint(blk, x, use_reentrant=False)
             return x
         return self.blocks(x)
 
@@ -480,6 +454,7 @@ class DaViTStage(nn.Module):
 # --------------------------------------------------------------------------------------------------------------------
 
 ATTENTION_TYPES = ("spatial", "channel")
+MEMORY_SAVING = ("none", "mlp", "all")
 
 
 @dataclass(frozen=True)
@@ -680,10 +655,27 @@ class DaViT(nn.Module):
         return next(self.parameters()).dtype
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute every dual block in the backward pass instead of storing its activations."""
+        """Recompute every single block in the backward pass instead of storing its activations."""
         self.grad_checkpointing = enable
         for stage in self.stages:
             stage.grad_checkpointing = enable
+
+    def set_memory_saving(self, level: str = "none") -> None:
+        """How much the training forward stores for the backward pass (same gradients to rounding at every level).
+
+        - ``"none"`` (default): autograd through every op, the fastest on the CPU; stores ~0.9x what timm stores.
+        - ``"mlp"``: each MLP (norm, fc1, GELU, fc2) is one custom function that stores its input and the GELU input
+          and recomputes the rest: ~0.78x timm's saved activations, ~5% slower on the CPU.
+        - ``"all"``: the attention branches too (norm, qkv, attention, proj store only their input and qkv):
+          ~0.62x timm's saved activations, ~8% slower on the CPU (recomputes the norms, GELUs and attention maps).
+
+        Independent of :meth:`set_grad_checkpointing`, which recomputes whole blocks (figures: benchmarks/README.md).
+        """
+        if level not in MEMORY_SAVING:
+            raise ValueError(f"memory saving level must be one of {MEMORY_SAVING}, got {level!r}")
+        for m in self.modules():
+            if isinstance(m, _DualBlockBase):
+                m.memory_saving = level
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay by name (norms and biases are exempt by shape in the engine)."""

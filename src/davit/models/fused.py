@@ -1,0 +1,354 @@
+"""Fused operations: oneDNN epilogues for CPU inference, and hand-written backward passes for training.
+
+Inference (:func:`linear`): bias, exact GELU and a residual addition run inside the oneDNN GEMM on CPU, bit-identical
+to the separate ops, with no bias-broadcast copy and no extra passes over the widest activations.
+
+Training, opt-in through ``DaViT.set_memory_saving`` (:func:`ln_mlp`, :func:`attn_branch`): custom autograd
+functions for a block's two residual branches. Autograd through the separate ops keeps the normalised tokens, the
+GELU input *and* output, qkv, the scaled queries and the attention probabilities alive until the backward pass;
+these functions keep only the branch input (with the norm's two statistics per token), the GELU input and qkv, and
+recompute the rest in the backward pass: the MLP stores 5 instead of 10 token-widths, a window-attention branch 4
+instead of about 8.5 (fp32). The price is the recomputation (~5-8% of a CPU training step), which is why it is not
+the default. The forward passes no longer need autograd, so they take the fused inference kernels.
+
+Mixed precision: under autocast the functions do what autocast does to the separate ops (LayerNorm in fp32, the
+GEMMs, GELU and attention in the autocast dtype, the residual stream in fp32) with explicit casts, and the backward
+pass uses the same dtypes. Gradients match autograd through the separate ops to rounding (``tests/test_fused.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ChannelCore", "WindowCore", "attn_branch", "linear", "linear_t", "ln_mlp", "use_fused_training"]
+
+_HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _onednn_ok(x: Tensor, weight: Tensor) -> bool:
+    """Whether :func:`linear` may call oneDNN directly: CPU inference in eager mode, float32 or bfloat16."""
+    if not x.is_cpu or torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False  # oneDNN's fused op has no backward
+    return weight.dtype in (torch.float32, torch.bfloat16) and _HAS_ONEDNN
+
+
+def linear(x: Tensor, fc: nn.Linear, gelu: bool = False, residual: Tensor | None = None) -> Tensor:
+    """``fc(x)``, optionally followed by exact (erf) GELU or preceded by ``residual +``, in one oneDNN call on CPU."""
+    return linear_t(x, fc.weight, fc.bias, gelu, residual)
+
+
+def linear_t(x: Tensor, w: Tensor, b: Tensor | None, gelu: bool = False, residual: Tensor | None = None) -> Tensor:
+    """:func:`linear` on raw tensors.
+
+    Why: ``F.linear`` first copies the broadcast bias into a fresh output and then accumulates the GEMM onto it, and
+    GELU is one more full pass over the widest activation; oneDNN adds the bias and applies GELU inside the GEMM, which
+    makes the stage-1/2 Linears (small K, huge M) up to 2x faster with identical results; a residual added in the
+    GEMM's epilogue saves one more pass (float addition commutes, so ``residual + y`` is bit-identical). Autograd,
+    ``torch.compile``, ``torch.export`` and ONNX export take the plain path.
+    """
+    if _onednn_ok(x, w):
+        if torch.is_autocast_enabled("cpu"):
+            dt = torch.get_autocast_dtype("cpu")
+            if dt != torch.bfloat16:
+                return _plain_linear(x, w, b, gelu, residual)
+            # What autocast would do for F.linear: compute in bf16 (the residual stream stays fp32, added outside).
+            x, w, b = x.to(dt), w.to(dt), (None if b is None else b.to(dt))
+        elif x.dtype != w.dtype:
+            return _plain_linear(x, w, b, gelu, residual)
+        if residual is not None and not gelu and residual.dtype == x.dtype and residual.is_contiguous():
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, b, "add")
+        y = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu" if gelu else "none", [], "none" if gelu else "")
+        return y if residual is None else residual + y
+    return _plain_linear(x, w, b, gelu, residual)
+
+
+def _plain_linear(x: Tensor, w: Tensor, b: Tensor | None, gelu: bool, residual: Tensor | None) -> Tensor:
+    y = F.linear(x, w, b)
+    if gelu:
+        y = F.gelu(y)
+    return y if residual is None else residual + y
+
+
+# ------------------------------------------------------------------------------------------------------- training
+def use_fused_training(x: Tensor, *params: Tensor) -> bool:
+    """Whether a block should take the custom-autograd path: autograd is recording and nothing is being traced."""
+    if not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params)):
+        return False
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype autocast would run a Linear in for ``x`` (``x.dtype`` without autocast)."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _cast(t: Tensor | None, dt: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dt)
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _weight_grads(dy: Tensor, inp: Tensor, w: Tensor, b: Tensor | None, need_w: bool, need_b: bool) -> tuple:
+    """``dW = dy^T inp`` and ``db = sum(dy)`` in the parameters' dtype (None where not needed)."""
+    dy2, inp2 = _rows(dy), _rows(inp)
+    dw = (dy2.t() @ inp2).to(w.dtype) if need_w else None
+    db = dy2.sum(0).to(b.dtype) if (need_b and b is not None) else None
+    return dw, db
+
+
+class _LnMlp(torch.autograd.Function):
+    """``[x +] fc2(gelu(fc1(layer_norm(x))))``; saves x, the norm's statistics and the GELU input."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        ln_w: Tensor | None,
+        ln_b: Tensor | None,
+        eps: float,
+        w1: Tensor,
+        b1: Tensor | None,
+        w2: Tensor,
+        b2: Tensor | None,
+        add_input: bool,
+        cdt: torch.dtype,
+    ) -> Tensor:
+        C = x.shape[-1]
+        with torch.autocast(x.device.type, enabled=False):
+            xn, mean, rstd = torch.native_layer_norm(x, (C,), ln_w, ln_b, eps)
+            h = linear_t(xn.to(cdt), w1.to(cdt), _cast(b1, cdt))  # (..., hidden)
+            g = F.gelu(h)
+            res = x if add_input else None
+            y = linear_t(g, w2.to(cdt), _cast(b2, cdt), residual=res if (res is not None and cdt == x.dtype) else None)
+            if res is not None and cdt != x.dtype:
+                y = res + y  # fp32 residual stream + low-precision branch, as under autocast
+        ctx.save_for_backward(x, mean, rstd, h, ln_w, ln_b, w1, b1, w2, b2)
+        ctx.eps, ctx.add_input, ctx.cdt = eps, add_input, cdt
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, dout: Tensor) -> tuple:  # type: ignore[override]
+        x, mean, rstd, h, ln_w, ln_b, w1, b1, w2, b2 = ctx.saved_tensors
+        cdt, C = ctx.cdt, x.shape[-1]
+        need = ctx.needs_input_grad
+        with torch.autocast(x.device.type, enabled=False):
+            # 2-D rows throughout: the incoming gradient may be an expanded view (e.g. from the head's mean), which a
+            # batched matmul against a weight would turn into one weight copy per batch row.
+            dy = _rows(dout.to(cdt))
+            g = F.gelu(h)  # recomputed
+            dw2, db2 = _weight_grads(dy, g, w2, b2, need[6], need[7])
+            del g
+            dh = torch.ops.aten.gelu_backward(dy @ w2.to(cdt), _rows(h))
+            xn = torch.native_layer_norm(x, (C,), ln_w, ln_b, ctx.eps)[0].to(cdt)  # recomputed
+            dw1, db1 = _weight_grads(dh, xn, w1, b1, need[4], need[5])
+            del xn
+            dxn = (dh @ w1.to(cdt)).to(x.dtype).view(x.shape)
+            del dh
+            mask = [need[0], need[1] and ln_w is not None, need[2] and ln_b is not None]
+            dx, dlnw, dlnb = torch.ops.aten.native_layer_norm_backward(dxn, x, [C], mean, rstd, ln_w, ln_b, mask)
+            if ctx.add_input and dx is not None:
+                dx = dx + dout.to(dx.dtype)
+        return dx, dlnw, dlnb, None, dw1, db1, dw2, db2, None, None
+
+
+def ln_mlp(x: Tensor, norm: nn.LayerNorm, fc1: nn.Linear, fc2: nn.Linear, add_input: bool) -> Tensor:
+    """Training form of ``[x +] fc2(gelu(fc1(norm(x))))`` with the memory-saving backward of :class:`_LnMlp`."""
+    return _LnMlp.apply(
+        x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias, add_input, _compute_dtype(x)
+    )
+
+
+# ------------------------------------------------------------------------------------------ attention branches
+class WindowCore:
+    """Window attention on ``(B, H, W, C)`` maps: pad to the window, partition, multi-head attention per window."""
+
+    def __init__(self, window_size: int, num_heads: int) -> None:
+        self.ws, self.heads = window_size, num_heads
+
+    def tokens(self, x: Tensor) -> Tensor:
+        """``(B, H, W, C) -> (B*nW, ws*ws, C)``: zero-pad right/bottom (after the norm, as official), partition."""
+        B, H, W, C = x.shape
+        ws = self.ws
+        pad_b, pad_r = (ws - H % ws) % ws, (ws - W % ws) % ws
+        if pad_b or pad_r:
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        Hp, Wp = H + pad_b, W + pad_r
+        return x.reshape(B, Hp // ws, ws, Wp // ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
+
+    def untokens(self, t: Tensor, shape: torch.Size) -> Tensor:
+        """Inverse of :meth:`tokens` (cropping the padding): ``(B*nW, ws*ws, C) -> (B, H, W, C)``."""
+        B, H, W, C = shape
+        ws = self.ws
+        Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
+        x = t.view(B, Hp // ws, Wp // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
+        return x[:, :H, :W, :] if (Hp, Wp) != (H, W) else x
+
+    def _qkv(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        Bw, N, C3 = qkv.shape
+        return qkv.view(Bw, N, 3, self.heads, C3 // (3 * self.heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def attend(self, qkv: Tensor) -> Tensor:
+        """``(Bw, N, 3C) -> (Bw, N, C)``."""
+        q, k, v = self._qkv(qkv)
+        Bw, h, N, d = q.shape
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(Bw, N, h * d)
+
+    def recompute(self, qkv: Tensor) -> tuple[Tensor, Tensor]:
+        """The attention probabilities ``(Bw, h, N, N)`` and the output ``(Bw, N, C)`` again, for the backward pass."""
+        q, k, v = self._qkv(qkv)
+        Bw, h, N, d = q.shape
+        p = (torch.matmul(q, k.transpose(-2, -1)) * d**-0.5).softmax(dim=-1)
+        return p, torch.matmul(p, v).transpose(1, 2).reshape(Bw, N, h * d)
+
+    def attend_backward(self, qkv: Tensor, p: Tensor, dout: Tensor) -> Tensor:
+        """Gradient of :meth:`attend` w.r.t. ``qkv`` given the probabilities ``p`` and the output gradient."""
+        q, k, v = self._qkv(qkv)
+        Bw, h, N, d = q.shape
+        s = d**-0.5
+        do = dout.view(Bw, N, h, d).transpose(1, 2)  # (Bw, h, N, d)
+        dqkv = qkv.new_empty(Bw, N, 3, h, d)
+        dqkv[:, :, 2] = torch.matmul(p.transpose(-2, -1), do).transpose(1, 2)  # dV = P^T dO
+        ds = torch._softmax_backward_data(torch.matmul(do, v.transpose(-2, -1)), p, -1, p.dtype).mul_(s)
+        dqkv[:, :, 0] = torch.matmul(ds, k).transpose(1, 2)  # dQ = s dS K
+        dqkv[:, :, 1] = torch.matmul(ds.transpose(-2, -1), q).transpose(1, 2)  # dK = s dS^T Q
+        return dqkv.view(Bw, N, 3 * h * d)
+
+
+class ChannelCore:
+    """Channel group attention on ``(B, H, W, C)`` maps; tokens are the ``H*W`` positions of each image.
+
+    With ``(a, b, c)`` = ``(k, v, q)`` (official) or ``(q, k, v)`` (Florence-2 v2): ``A = softmax(s a^T b)`` per group
+    and ``out = c A^T``.
+    """
+
+    def __init__(self, num_groups: int, v2: bool, dynamic_scale: bool) -> None:
+        self.groups, self.v2, self.dynamic_scale = num_groups, v2, dynamic_scale
+
+    def tokens(self, x: Tensor) -> Tensor:
+        B, H, W, C = x.shape
+        return x.reshape(B, H * W, C)
+
+    def untokens(self, t: Tensor, shape: torch.Size) -> Tensor:
+        return t.view(shape)
+
+    def _roles(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor, float, tuple[int, int, int]]:
+        B, N, C3 = qkv.shape
+        cg = C3 // (3 * self.groups)
+        q, k, v = qkv.view(B, N, 3, self.groups, cg).permute(2, 0, 3, 1, 4).unbind(0)  # (B, G, N, Cg)
+        if self.v2:
+            return q, k, v, (N**-0.5 if self.dynamic_scale else cg**-0.5), (0, 1, 2)
+        return k, v, q, cg**-0.5, (1, 2, 0)
+
+    def _probs(self, a: Tensor, b: Tensor, s: float) -> Tensor:
+        return (torch.matmul(a.transpose(-2, -1), b) * s).softmax(dim=-1)  # (B, G, Cg, Cg)
+
+    def attend(self, qkv: Tensor) -> Tensor:
+        return self.recompute(qkv)[1]
+
+    def recompute(self, qkv: Tensor) -> tuple[Tensor, Tensor]:
+        """The group attention matrices ``(B, G, Cg, Cg)`` and the output ``(B, N, C)``."""
+        a, b, c, s, _ = self._roles(qkv)
+        B, G, N, cg = a.shape
+        p = self._probs(a, b, s)
+        out = torch.matmul(p, c.transpose(-2, -1))  # (B, G, Cg, N): the long axis as GEMM columns
+        return p, out.permute(0, 3, 1, 2).reshape(B, N, G * cg)
+
+    def attend_backward(self, qkv: Tensor, p: Tensor, dout: Tensor) -> Tensor:
+        a, b, c, s, slots = self._roles(qkv)
+        B, G, N, cg = a.shape
+        do = dout.view(B, N, G, cg).transpose(1, 2)  # (B, G, N, Cg)
+        dqkv = qkv.new_empty(B, N, 3, G, cg)
+        dqkv[:, :, slots[2]] = torch.matmul(do, p).transpose(1, 2)  # dc = dOut A
+        ds = torch._softmax_backward_data(torch.matmul(do.transpose(-2, -1), c), p, -1, p.dtype).mul_(s)
+        dqkv[:, :, slots[0]] = torch.matmul(b, ds.transpose(-2, -1)).transpose(1, 2)  # da = s b dS^T
+        dqkv[:, :, slots[1]] = torch.matmul(a, ds).transpose(1, 2)  # db = s a dS
+        return dqkv.view(B, N, 3 * G * cg)
+
+
+class _AttnBranch(torch.autograd.Function):
+    """``[x +] proj(attention(qkv(layer_norm(x))))``; saves x, the norm's statistics and qkv (3 token-widths)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        ln_w: Tensor | None,
+        ln_b: Tensor | None,
+        eps: float,
+        wqkv: Tensor,
+        bqkv: Tensor | None,
+        wp: Tensor,
+        bp: Tensor | None,
+        add_input: bool,
+        cdt: torch.dtype,
+        core: Any,
+    ) -> Tensor:
+        C = x.shape[-1]
+        with torch.autocast(x.device.type, enabled=False):
+            xn, mean, rstd = torch.native_layer_norm(x, (C,), ln_w, ln_b, eps)
+            qkv = linear_t(core.tokens(xn.to(cdt)), wqkv.to(cdt), _cast(bqkv, cdt))
+            del xn
+            y = linear_t(core.attend(qkv), wp.to(cdt), _cast(bp, cdt))
+            y = core.untokens(y, x.shape)
+            if add_input:
+                y = x + y
+        ctx.save_for_backward(x, mean, rstd, qkv, ln_w, ln_b, wqkv, bqkv, wp, bp)
+        ctx.eps, ctx.add_input, ctx.cdt, ctx.core = eps, add_input, cdt, core
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, dout: Tensor) -> tuple:  # type: ignore[override]
+        x, mean, rstd, qkv, ln_w, ln_b, wqkv, bqkv, wp, bp = ctx.saved_tensors
+        cdt, core, C = ctx.cdt, ctx.core, x.shape[-1]
+        need = ctx.needs_input_grad
+        with torch.autocast(x.device.type, enabled=False):
+            dy = core.tokens(dout.to(cdt))  # (T, n, C): zero gradient on padded tokens
+            p, o = core.recompute(qkv)  # attention probabilities and output, recomputed once
+            dwp, dbp = _weight_grads(dy, o, wp, bp, need[6], need[7])
+            del o
+            do = (_rows(dy) @ wp.to(cdt)).view(dy.shape)
+            del dy
+            dqkv = core.attend_backward(qkv, p, do)
+            del do, p
+            xn = core.tokens(torch.native_layer_norm(x, (C,), ln_w, ln_b, ctx.eps)[0].to(cdt))  # recomputed
+            dwqkv, dbqkv = _weight_grads(dqkv, xn, wqkv, bqkv, need[4], need[5])
+            del xn
+            dxn = core.untokens((_rows(dqkv) @ wqkv.to(cdt)).view(*dqkv.shape[:-1], C), x.shape).to(x.dtype)
+            del dqkv
+            mask = [need[0], need[1] and ln_w is not None, need[2] and ln_b is not None]
+            dx, dlnw, dlnb = torch.ops.aten.native_layer_norm_backward(
+                dxn.contiguous(), x, [C], mean, rstd, ln_w, ln_b, mask
+            )
+            if ctx.add_input and dx is not None:
+                dx = dx + dout.to(dx.dtype)
+        return dx, dlnw, dlnb, None, dwqkv, dbqkv, dwp, dbp, None, None, None
+
+
+def attn_branch(x: Tensor, norm: nn.LayerNorm, qkv: nn.Linear, proj: nn.Linear, core: Any, add_input: bool) -> Tensor:
+    """Training form of ``[x +] proj(attn(qkv(norm(x))))`` (window or channel attention, per ``core``)."""
+    return _AttnBranch.apply(
+        x,
+        norm.weight,
+        norm.bias,
+        norm.eps,
+        qkv.weight,
+        qkv.bias,
+        proj.weight,
+        proj.bias,
+        add_input,
+        _compute_dtype(x),
+        core,
+    )
