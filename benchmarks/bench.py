@@ -9,8 +9,10 @@ Sections (each can be skipped with --skip NAME):
           (and with ``compile=True``, unless --quick or --skip compile);
           fp32 and bf16 (autocast), batch 1 latency (ms) and batch 32 throughput (images/s); every configuration
           is timed in interleaved rounds in this process and reported as the median;
-  train   one AdamW + cross-entropy step, fp32 and bf16 autocast, ours vs timm (and ours with gradient
-          checkpointing): images/s and peak RSS, each configuration in a fresh process;
+  train   one AdamW + cross-entropy step, fp32 and bf16 autocast, each configuration in a fresh process: speed
+          (images/s at batch 16 after 3 warm-up steps, ours vs timm, and ours with ``set_memory_saving("all")``) and
+          memory at batch 32 with glibc's default allocator (peak RSS, and the MB autograd saves for the backward
+          pass) for timm and ours at every memory-saving level, with and without gradient checkpointing;
   scale   batch-1 fp32 time per megapixel at 224, 448, 896 (ours and timm, interleaved);
   hires   one 2048x2048 image through our model in a fresh process: time and peak RSS.
 
@@ -284,6 +286,7 @@ def _worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
         model = timm.create_model(spec["model"], num_classes=1000, drop_path_rate=DROP_PATH)
     else:
         model = davit.create_model(spec["model"], drop_path_rate=DROP_PATH)
+        model.set_memory_saving(spec.get("level", "none"))
         if spec.get("ckpt"):
             model.set_grad_checkpointing(True)
     model.train()
@@ -293,14 +296,17 @@ def _worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if spec["dtype"] == "bf16" else contextlib.nullcontext
     rss_model = _peak_rss_mb()
     times, cpu = [], []
-    for i in range(spec["steps"] + 1):
+    n = spec["warmup"] + spec["steps"]
+    saved = _SavedBytes(model)
+    for i in range(n):
         t0, c0 = time.perf_counter(), time.process_time()
-        with ctx():
+        # The last step also counts what autograd saves (the hook only records sizes; it keeps nothing alive).
+        with ctx(), saved if i == n - 1 else contextlib.nullcontext():
             loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i:  # the first step also allocates AdamW's state
+        if i >= spec["warmup"]:  # the first steps allocate AdamW's state and grow the heap (page faults)
             times.append(time.perf_counter() - t0)
             cpu.append((time.process_time() - c0) / times[-1] / spec["threads"])
     sec = statistics.median(times)
@@ -309,39 +315,86 @@ def _worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
         "cpu_share": round(statistics.median(cpu), 2),
         "sec_per_step": round(sec, 3),
         "peak_rss_mb": round(_peak_rss_mb()),
+        "saved_mb": round(saved.mb),
         "rss_after_build_mb": round(rss_model),
     }
 
 
-def _spawn(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+class _SavedBytes:
+    """Context manager: MB that autograd keeps for the backward pass (unique storages, parameters excluded), i.e. the
+    activation memory independent of the allocator; autocast's weight copies count, as they are saved too."""
+
+    def __init__(self, model: Any) -> None:
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.seen: dict[int, int] = {}
+        self.mb = 0.0
+
+    def _pack(self, t: Any) -> Any:
+        st = t.untyped_storage()
+        if st.data_ptr() not in self.params:
+            self.seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    def __enter__(self) -> None:
+        import torch
+
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._ctx.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._ctx.__exit__(*exc)
+        self.mb = sum(self.seen.values()) / 2**20
+
+
+def _spawn(kind: str, spec: dict[str, Any], default_malloc: bool = False) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", kind, json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+    env = {k: v for k, v in os.environ.items() if not (default_malloc and k in MALLOC_ENV)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# (impl, memory-saving level, gradient checkpointing) per training row
+SPEED_CONFIGS = [("timm", "none", False), ("ours", "none", False), ("ours", "all", False)]
+MEMORY_CONFIGS = [("timm", "none", False), ("ours", "none", False), ("ours", "mlp", False), ("ours", "all", False)]
+MEMORY_CONFIGS += [("ours", "none", True), ("ours", "all", True)]
+
+
+def _train_name(impl: str, dtype: str, level: str, ckpt: bool) -> str:
+    return f"{dtype}/{impl}" + (f" saving={level}" if level != "none" else "") + (" +grad-ckpt" if ckpt else "")
+
+
 def bench_train(args: argparse.Namespace) -> dict[str, Any]:
-    rows = {}
-    configs = [("timm", "fp32", False), ("ours", "fp32", False), ("timm", "bf16", False), ("ours", "bf16", False)]
-    configs += [("ours", "fp32", True), ("ours", "bf16", True)]
+    """Speed (batch --train-batch, the allocator setting) and memory (batch --mem-batch, glibc's defaults, which
+    return freed memory to the OS as users' processes do), each configuration in a fresh process."""
     runs: dict[str, list[dict[str, Any]]] = {}
-    # Fresh process per configuration; configurations alternate over rounds so load spikes hit both sides.
-    for _ in range(1 if args.quick else 2):
-        for impl, dtype, ckpt in configs:
-            spec = {
-                "impl": impl,
-                "dtype": dtype,
-                "ckpt": ckpt,
-                "model": args.model,
-                "batch": args.train_batch,
-                "steps": 2 if args.quick else 3,
-                "threads": args.threads,
-            }
-            name = f"{dtype}/{impl}" + (" +grad-ckpt" if ckpt else "")
-            r = _spawn("train", spec)
-            runs.setdefault(name, []).append(r)
-            print(f"  train {name}: {r} (load {os.getloadavg()[0]:.1f})", flush=True)
+    plans = [("speed", c, args.train_batch) for c in SPEED_CONFIGS] + [
+        ("memory", c, args.mem_batch) for c in MEMORY_CONFIGS
+    ]
+    # Configurations alternate over rounds so load spikes hit both sides.
+    for rnd in range(1 if args.quick else 2):
+        for what, (impl, level, ckpt), batch in plans:
+            if what == "memory" and rnd:
+                continue  # memory does not depend on the machine's load: one round
+            for dtype in ("fp32", "bf16"):
+                spec = {
+                    "impl": impl,
+                    "dtype": dtype,
+                    "level": level,
+                    "ckpt": ckpt,
+                    "model": args.model,
+                    "batch": batch,
+                    "warmup": 1 if what == "memory" else (2 if args.quick else 3),
+                    "steps": 2 if what == "memory" else 3,
+                    "threads": args.threads,
+                }
+                name = f"{what}/{_train_name(impl, dtype, level, ckpt)}"
+                r = _spawn("train", spec, default_malloc=what == "memory")
+                r["batch"] = batch
+                runs.setdefault(name, []).append(r)
+                print(f"  train {name}: {r} (load {os.getloadavg()[0]:.1f})", flush=True)
+    rows = {}
     for name, rs in runs.items():
         ok = [r for r in rs if "error" not in r]
         if not ok:
@@ -349,7 +402,6 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
             continue
         best = max(ok, key=lambda r: r["img_s"])  # the least disturbed run: load only ever slows a run down
         rows[name] = {**best, "peak_rss_mb": max(r["peak_rss_mb"] for r in ok), "runs": len(ok)}
-        rows[name]["batch"] = args.train_batch
     return rows
 
 
@@ -420,15 +472,31 @@ def print_table(res: dict[str, Any]) -> None:
             )
     train = res.get("train", {})
     if train:
-        print(f"\n{'training step':<34}{'img/s':>9}{'vs timm':>9}{'peak RSS MB':>13}{'vs timm':>9}")
+        print(f"\n{'training step (speed)':<40}{'img/s':>9}{'vs timm':>9}{'cpu':>6}")
         for k, r in train.items():
-            if "error" in r:
-                print(f"{k:<34} error: {r['error']}")
-                continue
-            t = train.get(k.split()[0].replace("ours", "timm"), {})
-            sp = r["img_s"] / t["img_s"] if t.get("img_s") else float("nan")
-            mem = r["peak_rss_mb"] / t["peak_rss_mb"] if t.get("peak_rss_mb") else float("nan")
-            print(f"{k + ' b' + str(r['batch']):<34}{r['img_s']:>9.2f}{sp:>8.2f}x{r['peak_rss_mb']:>13}{mem:>8.2f}x")
+            if k.startswith("speed/"):
+                t = train.get(f"speed/{k.split('/')[1]}/timm", {})
+                if "error" in r:
+                    print(f"{k[6:]:<40} error: {r['error']}")
+                    continue
+                sp = r["img_s"] / t["img_s"] if t.get("img_s") else float("nan")
+                print(f"{k[6:] + ' b' + str(r['batch']):<40}{r['img_s']:>9.2f}{sp:>8.2f}x{r['cpu_share']:>6.2f}")
+        print(
+            f"\n{'training step (memory)':<40}{'peak RSS MB':>12}{'vs timm':>9}{'saved MB':>10}{'vs timm':>9}"
+            f"{'img/s':>7}"
+        )
+        for k, r in train.items():
+            if k.startswith("memory/"):
+                t = train.get(f"memory/{k.split('/')[1]}/timm", {})
+                if "error" in r:
+                    print(f"{k[7:]:<40} error: {r['error']}")
+                    continue
+                mem = r["peak_rss_mb"] / t["peak_rss_mb"] if t.get("peak_rss_mb") else float("nan")
+                sv = r["saved_mb"] / t["saved_mb"] if t.get("saved_mb") else float("nan")
+                print(
+                    f"{k[7:] + ' b' + str(r['batch']):<40}{r['peak_rss_mb']:>12}{mem:>8.2f}x{r['saved_mb']:>10}"
+                    f"{sv:>8.2f}x{r['img_s']:>7.2f}"
+                )
     scale = res.get("scale", {})
     if scale:
         print(f"\n{'resolution (fp32 b1)':<34}{'ms':>9}{'ms/MPix':>9}{'vs 448':>9}{'cpu':>6}")
@@ -505,7 +573,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(HERE / "results"), help="directory for the JSON and PNG")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--batch", type=int, default=None, help="throughput batch (default 32, quick 8)")
-    p.add_argument("--train-batch", type=int, default=None, help="training batch (default 16, quick 8)")
+    p.add_argument("--train-batch", type=int, default=None, help="training speed batch (default 16, quick 8)")
+    p.add_argument("--mem-batch", type=int, default=None, help="training memory batch (default 32, quick 8)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 7, quick 3)")
     p.add_argument(
         "--skip", default="", help="comma list of sections to skip: gemm,infer,onnx,compile,train,scale,hires"
@@ -518,6 +587,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.skip.add("compile")  # ~25 s of compilation per shape and dtype
     a.batch = a.batch or (8 if a.quick else 32)
     a.train_batch = a.train_batch or (8 if a.quick else 16)
+    a.mem_batch = a.mem_batch or (8 if a.quick else 32)
     a.rounds = a.rounds or (3 if a.quick else 7)
     a.scale_sizes = [224, 448] if a.quick else [224, 448, 896, 1344]
     return a
