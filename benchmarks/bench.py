@@ -14,6 +14,7 @@ Sections (each can be skipped with --skip NAME):
           memory at batch 32 with glibc's default allocator (peak RSS, and the MB autograd saves for the backward
           pass) for timm and ours at every memory-saving level, with and without gradient checkpointing;
   scale   batch-1 fp32 time per megapixel at 224, 448, 896 (ours and timm, interleaved);
+  alloc   fp32 inference with glibc's default allocator vs ``davit.allocator.tune_cpu_allocator`` (fresh processes);
   hires   one 2048x2048 image through our model in a fresh process: time and peak RSS.
 
 Fairness: glibc's allocator hands large activations back to the OS after every op, so every new activation pays page
@@ -182,7 +183,9 @@ def bench_infer(args: argparse.Namespace, flops_per_image: float) -> dict[str, A
             for comp in (False, True) if "compile" not in args.skip else (False,):
                 key = dtype_name + ("+compile" if comp else "")
                 t0 = time.perf_counter()
-                fast[key] = optimize(copy.deepcopy(ours), example_input=x, dtype=dtype, compile=comp)
+                fast[key] = optimize(
+                    copy.deepcopy(ours), example_input=x, dtype=dtype, compile=comp, tune_allocator=False
+                )  # the allocator setting is the run's (both sides), not optimize's
                 info[f"optimize_{key}_b{batch}_s"] = round(time.perf_counter() - t0, 1)
 
         def run(m: Any, ctx: Callable[[], Any] | None = None, x: Any = x) -> Callable[[], Any]:
@@ -265,6 +268,25 @@ def _worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     rss0 = _peak_rss_mb()
+    if kind == "alloc":
+        from davit.allocator import tune_cpu_allocator
+
+        if spec["tuned"]:
+            tune_cpu_allocator()
+        if spec["impl"] == "timm":
+            import timm
+
+            net = timm.create_model(spec["model"]).eval()
+        else:
+            net = davit.optimize(davit.create_model(spec["model"]), tune_allocator=False)
+        x = torch.randn(spec["batch"], 3, 224, 224)
+        times = []
+        with torch.inference_mode():
+            for _ in range(6):
+                t0 = time.perf_counter()
+                net(x)
+                times.append(time.perf_counter() - t0)
+        return {"img_s": round(spec["batch"] / statistics.median(times[2:]), 2), "peak_rss_mb": round(_peak_rss_mb())}
     if kind == "hires":
         model = davit.create_model(spec["model"]).eval()
         x = torch.randn(1, 3, spec["size"], spec["size"])
@@ -405,6 +427,19 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     return rows
 
 
+def bench_alloc(args: argparse.Namespace) -> dict[str, Any]:
+    """fp32 inference at the throughput batch with glibc's default allocator vs ``tune_cpu_allocator`` (what
+    ``davit.optimize`` and the training loop apply), each in a fresh process without the benchmark's environment."""
+    rows: dict[str, Any] = {}
+    for tuned in (False, True):
+        for impl in ("timm", "ours"):
+            spec = {"impl": impl, "tuned": tuned, "model": args.model, "batch": args.batch, "threads": args.threads}
+            name = f"{impl} {'tuned' if tuned else 'glibc default'}"
+            rows[name] = _spawn("alloc", spec, default_malloc=True)
+            print(f"  alloc {name}: {rows[name]} (load {os.getloadavg()[0]:.1f})", flush=True)
+    return rows
+
+
 def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
     import timm
     import torch
@@ -506,6 +541,11 @@ def print_table(res: dict[str, Any]) -> None:
                 f"{r['path'] + ' ' + str(r['size']):<34}{r['ms']:>9.1f}{r['ms_per_mpix']:>9.1f}"
                 f"{r['ms_per_mpix'] / base['ms_per_mpix']:>8.2f}x{r['cpu_share']:>6.2f}"
             )
+    alloc = res.get("alloc", {})
+    if alloc:
+        print(f"\n{'allocator, fp32 b' + str(res['meta']['batch']):<40}{'img/s':>9}{'peak RSS MB':>12}")
+        for k, r in alloc.items():
+            print(f"{k:<40}{r.get('img_s', float('nan')):>9.2f}{r.get('peak_rss_mb', 0):>12}")
     hires = res.get("hires")
     if hires:
         print(f"\n2048x2048 ours fp32 b1: {hires}")
@@ -577,7 +617,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mem-batch", type=int, default=None, help="training memory batch (default 32, quick 8)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 7, quick 3)")
     p.add_argument(
-        "--skip", default="", help="comma list of sections to skip: gemm,infer,onnx,compile,train,scale,hires"
+        "--skip", default="", help="comma list of sections to skip: gemm,infer,onnx,compile,train,scale,alloc,hires"
     )
     p.add_argument("--no-malloc-tuning", action="store_true", help="keep glibc's default allocator settings")
     p.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
@@ -639,6 +679,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["infer"] = bench_infer(args, res["meta"]["flops_per_image"])
     if "scale" not in args.skip:
         res["scale"] = bench_scale(args)
+    if "alloc" not in args.skip:
+        res["alloc"] = bench_alloc(args)
     if "train" not in args.skip:
         res["train"] = bench_train(args)
     if "hires" not in args.skip:

@@ -90,10 +90,19 @@ def test_cli_reports_user_errors_in_one_line(tmp_path: Path, capsys: pytest.Capt
     assert "unknown config key train.epoch" in err and "Traceback" not in err
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+    assert main(["train", "--config", str(ROOT / "configs/cls/digits.yaml"), "train.memory_saving=lots"]) == 2
+    assert "train.memory_saving must be none, mlp or all" in capsys.readouterr().err
 
 
-def test_bf16_autocast_channels_last_and_grad_checkpointing_train(tmp_path: Path) -> None:
-    extra = ["amp=bf16", "channels_last=true", "grad_checkpointing=true", "iters=2", "eval_every=2"]
+def test_bf16_autocast_channels_last_grad_checkpointing_and_memory_saving_train(tmp_path: Path) -> None:
+    extra = [
+        "amp=bf16",
+        "channels_last=true",
+        "grad_checkpointing=true",
+        "memory_saving=all",
+        "iters=2",
+        "eval_every=2",
+    ]
     recipe = str(ROOT / "configs/cls/digits.yaml")
     assert main(["train", "--config", recipe, "--out", str(tmp_path), *MICRO, *extra, "data.val_split=0.5"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -339,6 +339,8 @@ class LoopConfig:
     def __post_init__(self) -> None:
         if self.amp not in ("none", "bf16", "fp16"):
             raise ValueError(f"train.amp must be none, bf16 or fp16; got {self.amp!r}")
+        if self.memory_saving not in ("none", "mlp", "all"):
+            raise ValueError(f"train.memory_saving must be none, mlp or all; got {self.memory_saving!r}")
         if self.distributed not in ("auto", "none", "ddp", "fsdp"):
             raise ValueError(f"train.distributed must be auto, none, ddp or fsdp; got {self.distributed!r}")
         if self.epochs < 0 or self.iters < 0 or (self.epochs > 0 and self.iters > 0):

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from ..allocator import tune_cpu_allocator
 from ..config import ConfigError, save_config, to_dict
 from ..weights import atomic_write
 from .checkpoint import (
@@ -297,6 +298,8 @@ class _Run:
             log.warning("train.amp=fp16 on the CPU is slow and rarely supported well; bf16 is the CPU choice")
         if tc.threads > 0:
             torch.set_num_threads(tc.threads)
+        if self.device.type == "cpu":
+            tune_cpu_allocator()  # freed activations are reused, not page-faulted back in (davit/allocator.py)
         # Same seed on every rank while building: identical initial weights (FSDP shards them without a broadcast).
         _seed_all(tc.seed)
         model = self.task.build_model()
@@ -310,10 +313,7 @@ class _Run:
             if not hasattr(model, "set_memory_saving"):
                 name = type(model).__name__
                 raise ConfigError(f"{name} has no set_memory_saving(); set train.memory_saving=none")
-            try:
-                model.set_memory_saving(tc.memory_saving)
-            except ValueError as e:
-                raise ConfigError(f"train.memory_saving: {e}") from None
+            model.set_memory_saving(tc.memory_saving)
         model.to(self.device)
         if tc.channels_last:
             model.to(memory_format=torch.channels_last)
