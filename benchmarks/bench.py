@@ -557,7 +557,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.8))
     rows = res.get("infer", {}).get("rows", {})
     for ax, batch, key, label in ((axes[0], res["meta"]["batch"], "img_s", "images/s"), (axes[1], 1, "ms", "ms")):
         sel = {k.split("/", 1)[1]: r[key] for k, r in rows.items() if r["batch"] == batch}
@@ -582,6 +582,17 @@ def plot(res: dict[str, Any], path: Path) -> None:
     axes[2].set_title("resolution scaling (flat = linear in pixels)")
     axes[2].set_ylim(bottom=0)
     axes[2].legend()
+    mem = {k[len("memory/fp32/") :]: r for k, r in res.get("train", {}).items() if k.startswith("memory/fp32/")}
+    mem = {k: r for k, r in mem.items() if "error" not in r}
+    if mem:
+        names = list(mem)
+        axes[3].barh(names, [mem[n]["peak_rss_mb"] / 1024 for n in names], color="lightgray", label="peak RSS")
+        colors = ["tab:orange" if n.startswith("timm") else "tab:blue" for n in names]
+        axes[3].barh(names, [mem[n]["saved_mb"] / 1024 for n in names], color=colors, label="saved for backward")
+        axes[3].invert_yaxis()
+        axes[3].set_xlabel("GB")
+        axes[3].set_title(f"training memory, fp32 b{next(iter(mem.values()))['batch']} (lower is better)")
+        axes[3].legend(loc="lower right")
     fig.suptitle(
         f"{res['meta']['model']} on {res['meta']['cpu']}, {res['meta']['threads']} threads ({res['meta']['date']})"
     )
