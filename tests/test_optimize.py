@@ -28,6 +28,17 @@ def test_fp32_matches_eager_at_several_sizes(tiny_model: davit.DaViT) -> None:
         assert not out.requires_grad
 
 
+def test_cpu_fast_path_runs_a_prepacked_snapshot_and_leaves_the_model_alone(tiny_model: davit.DaViT) -> None:
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        ref = tiny_model(x)  # same oneDNN kernels, weights re-laid-out per call
+    fast = optimize(tiny_model)
+    linears = [m for m in fast._runner.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(getattr(m, "packed_weight", None) is not None for m in linears)
+    assert not any(hasattr(m, "packed_weight") for m in tiny_model.modules())  # the caller's model is untouched
+    assert torch.equal(fast(x), ref)  # pre-packing changes the layout, not the arithmetic
+
+
 def test_inference_fast_path_matches_autograd_path(tiny_model: davit.DaViT) -> None:
     # With grad enabled the model takes the plain F.linear path; without, the fused oneDNN path. Same numbers.
     x = torch.randn(2, 3, 96, 80)

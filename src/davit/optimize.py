@@ -6,7 +6,10 @@ side by side with timm on any machine):
 - Eager CPU inference already takes the model's oneDNN path: bias, GELU and residual additions fused into the
   Linear GEMMs and the depthwise position-encoding convs (no bias-broadcast copies, no separate GELU/add passes),
   tokens kept channels-last so the convs need no layout copies. ``optimize`` switches to eval and drops autograd
-  (``torch.inference_mode``), which is what enables that path.
+  (``torch.inference_mode``), which is what enables that path. On CPU without compile it runs a copy of the model
+  whose Linear weights are pre-packed in oneDNN's blocked layout (no per-call weight re-layout: batch-1 Linears
+  10-30% faster, bit-identical outputs); like compile's weight freezing this is a snapshot, so call ``optimize``
+  again after changing the weights.
 - bfloat16 (``dtype=torch.bfloat16``, only where the hardware has it natively: AVX512-BF16/AMX on CPU, CUDA compute
   >= 8.0): on CPU a bf16 copy of the weights is made once (half the fp32 size, milliseconds) and the whole network runs
   in bf16, which was ~30% faster than autocast (no per-call weight casts, half the activation traffic) at the same
@@ -36,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .allocator import tune_cpu_allocator
+from .models.fused import prepack_linears
 
 __all__ = ["OptimizedModel", "bf16_supported", "optimize"]
 
@@ -108,7 +112,8 @@ def optimize(
 
     Args:
         model: a model from ``davit.create_model`` (classifier or ``features_only``), on its target device. It is
-            switched to eval mode; its parameters are shared, not copied.
+            switched to eval mode and kept as ``.model``; the fast path runs a snapshot of its weights (CPU eager:
+            a copy with pre-packed Linear weights; bf16: a bf16 copy; compile: frozen weights).
         example_input: a representative batch; when given, the one-time costs (oneDNN primitive creation, and the
             compilation with ``compile=True``) are paid here instead of at the first call, and the result is checked
             against the eager model (a ``RuntimeError`` if fp32 differs by more than 1e-4 relative).
@@ -147,6 +152,12 @@ def optimize(
             runner = copy.deepcopy(model).to(torch.bfloat16).requires_grad_(False)
         else:
             autocast = True
+    if device.type == "cpu" and not compile:
+        # Eager CPU: pre-pack the Linear weights for oneDNN on optimize's own copy (a snapshot, like compile's
+        # freezing; the caller's model is left untouched).
+        if runner is model:
+            runner = copy.deepcopy(model).requires_grad_(False)
+        prepack_linears(runner)
     if compile:
         if device.type == "cpu":
             import torch._inductor.config as inductor_config
