@@ -2,8 +2,8 @@
 
 glibc's malloc serves every large block (a 224x224 batch's activations are tens of MB each) with a fresh ``mmap`` and
 returns it with ``munmap`` when the tensor dies, so the next forward pass page-faults all of that memory back in, at
-about 1-5 us per 4 KiB page. Measured here: davit_tiny fp32 inference at batch 32 runs at 19.2 images/s with glibc's
-defaults and 26.5 with this tuning (``benchmarks/bench.py``, section ``alloc``); a training step's first iterations
+about 1-5 us per 4 KiB page. Measured here: davit_tiny fp32 inference at batch 32 runs at 19.9 images/s with glibc's
+defaults and 27.4 with this tuning (``benchmarks/bench.py``, section ``alloc``); a training step's first iterations
 spend most of their extra time in the same faults.
 
 :func:`tune_cpu_allocator` applies, through ``mallopt`` in the running process, what the environment variables
