@@ -58,3 +58,36 @@ def test_adamw_applies_no_decay_group(tiny_model: davit.DaViT) -> None:
             assert torch.equal(p.detach(), before[n]), n
     assert isinstance(opt, torch.optim.AdamW)
     assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["eps"] == 1e-8
+
+
+def test_fused_adamw_makes_the_same_updates_as_the_reference(tiny_model: davit.DaViT) -> None:
+    cfg = OptimConfig(weight_decay=0.05)
+    ref_model = davit.DaViT(tiny_model.cfg)
+    ref_model.load_state_dict(tiny_model.state_dict())
+    opt = build_optimizer(default_param_groups(tiny_model, cfg), cfg, lr=1e-3)
+    assert opt.defaults["fused"] is True  # plain CPU parameters: the single-kernel update
+    ref = torch.optim.AdamW(  # PyTorch's per-parameter loop over the same groups
+        [
+            {**g, "params": [dict(ref_model.named_parameters())[n] for n in g["names"]]}
+            for g in _groups(tiny_model, cfg)
+        ],
+        lr=1e-3,
+    )
+    for step in range(3):
+        torch.manual_seed(step)
+        grads = [torch.randn_like(p) for p in tiny_model.parameters()]
+        for m in (tiny_model, ref_model):
+            for p, g in zip(m.parameters(), grads):
+                p.grad = g.clone()
+        opt.step()
+        ref.step()
+    for (n, p), q in zip(tiny_model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-7, msg=n)
+
+
+def _groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
+    ids = {id(p): n for n, p in model.named_parameters()}
+    return [
+        {"names": [ids[id(p)] for p in g["params"]], "weight_decay": g["weight_decay"]}
+        for g in default_param_groups(model, cfg)
+    ]
