@@ -165,8 +165,8 @@ class WindowAttention(nn.Module):
         qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, Bw, h, N, d)
         q, k, v = qkv.unbind(0)
         if x.is_cpu and torch.is_grad_enabled() and x.requires_grad:
-            # CPU training: explicit attention. On 49-token windows the fused SDPA's backward is 1.4x (fp32) to 6x
-            # (bf16) slower than autograd through two batched GEMMs and a softmax (benchmarks/README.md).
+            # CPU training: explicit attention. On 49-token windows, forward + backward through two batched GEMMs
+            # and a softmax is 1.0-1.25x (fp32) and ~6x (bf16) faster than the fused SDPA (benchmarks/attention.py).
             attn = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # (Bw, h, N, N)
             x = attn @ v
         else:
