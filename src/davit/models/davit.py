@@ -663,13 +663,15 @@ class DaViT(nn.Module):
     def set_memory_saving(self, level: str = "none") -> None:
         """How much the training forward stores for the backward pass (same gradients to rounding at every level).
 
-        - ``"none"`` (default): autograd through every op, the fastest on the CPU; stores ~0.9x what timm stores.
+        - ``"none"`` (default): autograd through every op, the fastest on the CPU; stores ~1.04x what timm stores
+          (the explicit window attention of CPU training keeps its probabilities).
         - ``"mlp"``: each MLP (norm, fc1, GELU, fc2) is one custom function that stores its input and the GELU input
           and recomputes the rest: ~0.78x timm's saved activations, ~5% slower on the CPU.
         - ``"all"``: the attention branches too (norm, qkv, attention, proj store only their input and qkv):
-          ~0.62x timm's saved activations, ~8% slower on the CPU (recomputes the norms, GELUs and attention maps).
+          ~0.62x timm's saved activations, 2-10% slower on the CPU (recomputes norms, GELUs and attention maps).
 
-        Independent of :meth:`set_grad_checkpointing`, which recomputes whole blocks (figures: benchmarks/README.md).
+        Independent of :meth:`set_grad_checkpointing`, which recomputes whole blocks (figures: the README's speed
+        section, measured by ``python benchmarks/bench.py``).
         """
         if level not in MEMORY_SAVING:
             raise ValueError(f"memory saving level must be one of {MEMORY_SAVING}, got {level!r}")
