@@ -8,7 +8,7 @@ functions for a block's two residual branches. Autograd through the separate ops
 GELU input *and* output, qkv, the scaled queries and the attention probabilities alive until the backward pass;
 these functions keep only the branch input (with the norm's two statistics per token), the GELU input and qkv, and
 recompute the rest in the backward pass: the MLP stores 5 instead of 10 token-widths, a window-attention branch 4
-instead of about 8.5 (fp32). The price is the recomputation (~5-8% of a CPU training step), which is why it is not
+instead of about 8.5 (fp32). The price is the recomputation (2-10% of a CPU training step), which is why it is not
 the default. The forward passes no longer need autograd, so they take the fused inference kernels.
 
 Mixed precision: under autocast the functions do what autocast does to the separate ops (LayerNorm in fp32, the
