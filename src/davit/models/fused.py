@@ -191,7 +191,8 @@ class _LnMlp(torch.autograd.Function):
             g = F.gelu(h)  # recomputed
             dw2, db2 = _weight_grads(dy, g, w2, b2, need[6], need[7])
             del g
-            dh = torch.ops.aten.gelu_backward(dy @ w2.to(cdt), _rows(h))
+            dh = dy @ w2.to(cdt)
+            torch.ops.aten.gelu_backward.grad_input(dh, _rows(h), grad_input=dh)  # in place: one hidden-wide buffer
             xn = torch.native_layer_norm(x, (C,), ln_w, ln_b, ctx.eps)[0].to(cdt)  # recomputed
             dw1, db1 = _weight_grads(dh, xn, w1, b1, need[4], need[5])
             del xn
