@@ -2,9 +2,9 @@
 
 glibc's malloc serves every large block (a 224x224 batch's activations are tens of MB each) with a fresh ``mmap`` and
 returns it with ``munmap`` when the tensor dies, so the next forward pass page-faults all of that memory back in, at
-about 1-5 us per 4 KiB page. Measured here: davit_tiny fp32 inference at batch 32 runs at 19.9 images/s with glibc's
-defaults and 27.4 with this tuning (``benchmarks/bench.py``, section ``alloc``); a training step's first iterations
-spend most of their extra time in the same faults.
+about 1-5 us per 4 KiB page. Measured here: davit_tiny fp32 inference at batch 32 runs at 17.7-19.9 images/s with
+glibc's defaults and 25.3-27.4 with this tuning (``benchmarks/bench.py``, section ``alloc``, two runs); a training
+step's first iterations spend most of their extra time in the same faults.
 
 :func:`tune_cpu_allocator` applies, through ``mallopt`` in the running process, what the environment variables
 ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<2 GB> MALLOC_TOP_PAD_=512M`` would: large blocks come from the heap and

@@ -21,7 +21,7 @@ side by side with timm on any machine):
   batch-32 fp32 none. Worth it for a server at fixed shapes; off by default on CPU because every new image size
   recompiles. On CUDA it is on by default.
 - On CPU it tunes glibc's allocator for the process (:func:`davit.allocator.tune_cpu_allocator`: freed activations
-  are kept for reuse instead of being page-faulted back in; batch-32 fp32 19.9 -> 27.4 images/s here). The process
+  are kept for reuse instead of being page-faulted back in; batch-32 fp32 +40% here). The process
   then keeps its memory high-water mark; ``tune_allocator=False`` or ``DAVIT_MALLOC_TUNING=0`` leaves it alone.
 
 Numerics: the fp32 path is the eager model's arithmetic (oneDNN and the reference GEMMs agree to rounding; the timm
