@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .windows import _tracing, pad_to_multiple, window_partition, window_reverse
+
 __all__ = [
     "ChannelCore",
     "WindowCore",
@@ -121,7 +123,7 @@ def use_fused_training(x: Tensor, *params: Tensor) -> bool:
     """Whether a block should take the custom-autograd path: autograd is recording and nothing is being traced."""
     if not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params)):
         return False
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+    return not _tracing()
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -146,6 +148,25 @@ def _weight_grads(dy: Tensor, inp: Tensor, w: Tensor, b: Tensor | None, need_w: 
     dw = (dy2.t() @ inp2).to(w.dtype) if need_w else None
     db = dy2.sum(0).to(b.dtype) if (need_b and b is not None) else None
     return dw, db
+
+
+def _norm_backward(
+    dxn: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    w: Tensor | None,
+    b: Tensor | None,
+    need: tuple[bool, ...],
+    residual_grad: Tensor | None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """LayerNorm's backward from the saved input and statistics (``need[:3]``: x, weight, bias), plus the gradient
+    that reaches ``x`` directly through the residual when the branch added its input."""
+    mask = [need[0], need[1] and w is not None, need[2] and b is not None]
+    dx, dw, db = torch.ops.aten.native_layer_norm_backward(dxn.contiguous(), x, [x.shape[-1]], mean, rstd, w, b, mask)
+    if residual_grad is not None and dx is not None:
+        dx = dx + residual_grad.to(dx.dtype)
+    return dx, dw, db
 
 
 class _LnMlp(torch.autograd.Function):
@@ -198,10 +219,7 @@ class _LnMlp(torch.autograd.Function):
             del xn
             dxn = (dh @ w1.to(cdt)).to(x.dtype).view(x.shape)
             del dh
-            mask = [need[0], need[1] and ln_w is not None, need[2] and ln_b is not None]
-            dx, dlnw, dlnb = torch.ops.aten.native_layer_norm_backward(dxn, x, [C], mean, rstd, ln_w, ln_b, mask)
-            if ctx.add_input and dx is not None:
-                dx = dx + dout.to(dx.dtype)
+            dx, dlnw, dlnb = _norm_backward(dxn, x, mean, rstd, ln_w, ln_b, need, dout if ctx.add_input else None)
         return dx, dlnw, dlnb, None, dw1, db1, dw2, db2, None, None
 
 
@@ -221,20 +239,13 @@ class WindowCore:
 
     def tokens(self, x: Tensor) -> Tensor:
         """``(B, H, W, C) -> (B*nW, ws*ws, C)``: zero-pad right/bottom (after the norm, as official), partition."""
-        B, H, W, C = x.shape
-        ws = self.ws
-        pad_b, pad_r = (ws - H % ws) % ws, (ws - W % ws) % ws
-        if pad_b or pad_r:
-            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        Hp, Wp = H + pad_b, W + pad_r
-        return x.reshape(B, Hp // ws, ws, Wp // ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
+        return window_partition(pad_to_multiple(x, self.ws), self.ws)
 
     def untokens(self, t: Tensor, shape: torch.Size) -> Tensor:
         """Inverse of :meth:`tokens` (cropping the padding): ``(B*nW, ws*ws, C) -> (B, H, W, C)``."""
-        B, H, W, C = shape
-        ws = self.ws
-        Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
-        x = t.view(B, Hp // ws, Wp // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
+        B, H, W, _ = shape
+        Hp, Wp = -(-H // self.ws) * self.ws, -(-W // self.ws) * self.ws
+        x = window_reverse(t, self.ws, B, Hp, Wp)
         return x[:, :H, :W, :] if (Hp, Wp) != (H, W) else x
 
     def _qkv(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -370,12 +381,7 @@ class _AttnBranch(torch.autograd.Function):
             del xn
             dxn = core.untokens((_rows(dqkv) @ wqkv.to(cdt)).view(*dqkv.shape[:-1], C), x.shape).to(x.dtype)
             del dqkv
-            mask = [need[0], need[1] and ln_w is not None, need[2] and ln_b is not None]
-            dx, dlnw, dlnb = torch.ops.aten.native_layer_norm_backward(
-                dxn.contiguous(), x, [C], mean, rstd, ln_w, ln_b, mask
-            )
-            if ctx.add_input and dx is not None:
-                dx = dx + dout.to(dx.dtype)
+            dx, dlnw, dlnb = _norm_backward(dxn, x, mean, rstd, ln_w, ln_b, need, dout if ctx.add_input else None)
         return dx, dlnw, dlnb, None, dwqkv, dbqkv, dwp, dbp, None, None, None
 
 
