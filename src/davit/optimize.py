@@ -14,11 +14,11 @@ side by side with timm on any machine):
   >= 8.0): on CPU a bf16 copy of the weights is made once (half the fp32 size, milliseconds) and the whole network runs
   in bf16, which was ~30% faster than autocast (no per-call weight casts, half the activation traffic) at the same
   logit error (~6e-3 relative to fp32); on CUDA it runs under bf16 autocast.
-- ``compile=True`` adds ``torch.compile`` (Inductor, with weight freezing on CPU). One-time cost: ~22 s of
-  compilation on 2 idle CPU cores (minutes on a busy machine) for each new input shape (batch, H, W) and dtype, paid
-  inside ``optimize`` when ``example_input`` is given, else at the first call. Measured gain on davit_tiny, 224x224:
-  batch-1 latency -20% (fp32 47.8 -> 38.1 ms, bf16 27.4 -> 21.6 ms), batch-32 bf16 +15% (84 -> 96 images/s),
-  batch-32 fp32 none. Worth it for a server at fixed shapes; off by default on CPU because every new image size
+- ``compile=True`` adds ``torch.compile`` (Inductor, with weight freezing and the C++ wrapper on CPU). One-time
+  cost: ~20-30 s of compilation on 2 idle CPU cores (minutes on a busy machine) for each new input shape (batch, H,
+  W) and dtype, paid inside ``optimize`` when ``example_input`` is given, else at the first call. Measured gain on
+  davit_tiny, 224x224 (``benchmarks/bench.py``, README "Speed"): batch-1 latency -20-30%, batch-32 bf16 +10-15%,
+  batch-32 fp32 +2-5%. Worth it for a server at fixed shapes; off by default on CPU because every new image size
   recompiles. On CUDA it is on by default.
 - On CPU it tunes glibc's allocator for the process (:func:`davit.allocator.tune_cpu_allocator`: freed activations
   are kept for reuse instead of being page-faulted back in; batch-32 fp32 +40% here). The process
@@ -120,7 +120,7 @@ def optimize(
         dtype: None or ``torch.float32`` (exact fp32), or ``torch.bfloat16`` / ``"bf16"`` to allow bf16 compute
             (used only where the hardware has native bf16; otherwise fp32 with a logged warning).
         compile: wrap in ``torch.compile``; default: on for CUDA, off for CPU (see the module notes). One-time cost
-            ~22 s per input shape and dtype on 2 idle CPU cores; -20% batch-1 latency, +15% bf16 throughput.
+            ~20-30 s per input shape and dtype on 2 idle CPU cores; -20-30% batch-1 latency, +10-15% bf16 throughput.
         tune_allocator: on CPU, keep freed memory for reuse (glibc; a process-wide setting, see the module notes).
 
     Returns:
@@ -164,7 +164,12 @@ def optimize(
 
             # Freezing folds the (constant) weights into the graph and lets Inductor pre-pack them for oneDNN.
             inductor_config.freezing = True
-        runner = torch.compile(runner, mode="max-autotune-no-cudagraphs" if device.type == "cuda" else None)
+        if device.type == "cuda":
+            runner = torch.compile(runner, mode="max-autotune-no-cudagraphs")
+        else:
+            # The C++ wrapper calls the generated kernels and the oneDNN ops from C++ instead of a Python wrapper:
+            # batch-1 latency -10% in bf16 (21.2 -> 18.9 ms) and -5% in fp32, batch 32 -2%, for ~5 s more compiling.
+            runner = torch.compile(runner, options={"cpp_wrapper": True})
     fast = OptimizedModel(model, dtype, bool(compile), runner, autocast)
     if example_input is not None:
         _check(fast, model, example_input)
