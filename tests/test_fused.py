@@ -125,3 +125,23 @@ def test_window_attention_training_path_equals_sdpa() -> None:
         ref = attn(x)  # fused SDPA
     out = attn(x.requires_grad_())  # explicit attention (CPU training path)
     assert torch.allclose(out, ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("drop", ["none", "k"])
+def test_split_heads_gradients(drop: str) -> None:
+    from davit.models.fused import split_heads
+
+    qkv = torch.randn(3, 10, 3 * 12, dtype=torch.float64, requires_grad=True)
+    coeffs = [torch.randn(3, 4, 10, 3, dtype=torch.float64) for _ in range(3)]
+
+    def loss(parts: tuple) -> torch.Tensor:
+        return sum((p * c).sum() for i, (p, c) in enumerate(zip(parts, coeffs)) if not (drop == "k" and i == 1))
+
+    fused = split_heads(qkv, 4)
+    ref = qkv.view(3, 10, 3, 4, 3).permute(2, 0, 3, 1, 4).unbind(0)
+    for a, b in zip(fused, ref):
+        assert torch.equal(a, b)
+    (g_fused,) = torch.autograd.grad(loss(fused), qkv)
+    (g_ref,) = torch.autograd.grad(loss(ref), qkv)
+    assert torch.equal(g_fused, g_ref)
+    assert torch.autograd.gradcheck(lambda t: split_heads(t, 4), (qkv,))

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .fused import ChannelCore, WindowCore, _onednn_ok, attn_branch, linear, ln_mlp, use_fused_training
+from .fused import ChannelCore, WindowCore, _onednn_ok, attn_branch, linear, ln_mlp, split_heads, use_fused_training
 from .windows import _tracing, pad_to_multiple, window_partition, window_reverse
 
 __all__ = [
@@ -45,13 +45,16 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _keep_mask(x: Tensor, prob: float) -> Tensor:
+    keep = 1.0 - prob
+    return x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
+
+
 def drop_path(x: Tensor, prob: float, training: bool) -> Tensor:
     """Stochastic depth: zero whole samples of a residual branch with probability ``prob``, rescaling the rest."""
     if prob == 0.0 or not training:
         return x
-    keep = 1.0 - prob
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-    return x * mask.div_(keep)
+    return x * _keep_mask(x, prob)
 
 
 class DropPath(nn.Module):
@@ -63,6 +66,12 @@ class DropPath(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return drop_path(x, self.prob, self.training)
+
+    def add(self, residual: Tensor, x: Tensor) -> Tensor:
+        """``residual + self(x)`` in one pass over the tokens (``addcmul``) instead of a multiply and an add."""
+        if self.prob == 0.0 or not self.training:
+            return residual + x
+        return torch.addcmul(residual, x, _keep_mask(x, self.prob))
 
     def extra_repr(self) -> str:
         return f"prob={self.prob:.4f}"
@@ -129,9 +138,7 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         Bw, N, C = x.shape  # (B*nW, ws*ws, C)
-        qkv = linear(x, self.qkv).view(Bw, N, 3, self.num_heads, self.head_dim)  # (Bw, N, 3, h, d)
-        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, Bw, h, N, d)
-        q, k, v = qkv.unbind(0)
+        q, k, v = split_heads(linear(x, self.qkv), self.num_heads)  # each (Bw, h, N, d)
         if x.is_cpu and torch.is_grad_enabled() and x.requires_grad:
             # CPU training: explicit attention. On 49-token windows, forward + backward through two batched GEMMs
             # and a softmax is 1.0-1.25x (fp32) and ~6x (bf16) faster than the fused SDPA (benchmarks/attention.py).
@@ -175,9 +182,7 @@ class ChannelAttention(nn.Module):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         B, N, C = x.shape  # (B, H*W, C)
-        qkv = linear(x, self.qkv).view(B, N, 3, self.num_groups, self.head_dim)  # (B, N, 3, G, Cg)
-        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, G, N, Cg)
-        q, k, v = qkv.unbind(0)
+        q, k, v = split_heads(linear(x, self.qkv), self.num_groups)  # each (B, G, N, Cg)
         if self.v2:
             scale = N**-0.5 if self.dynamic_scale else self.head_dim**-0.5
             attn = (q * scale).transpose(-1, -2) @ k  # (B, G, Cg, Cg)
@@ -242,7 +247,7 @@ class _DualBlockBase(nn.Module):
             y = attn_branch(x, self.norm1, self.attn.qkv, self.attn.proj, self.core, add_input=add)
         else:
             y = self.mix(self.norm1(x), residual=x if add else None)
-        x = y if add else x + self.drop_path(y)
+        x = y if add else self.drop_path.add(x, y)
         x = self.cpe2(x)
         if self.mlp is None or self.norm2 is None:
             return x
@@ -250,7 +255,7 @@ class _DualBlockBase(nn.Module):
             y = ln_mlp(x, self.norm2, self.mlp.fc1, self.mlp.fc2, add_input=add)
         else:
             y = self.mlp(self.norm2(x), residual=x if add else None)
-        return y if add else x + self.drop_path(y)
+        return y if add else self.drop_path.add(x, y)
 
 
 class SpatialBlock(_DualBlockBase):
