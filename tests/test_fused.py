@@ -7,6 +7,7 @@ import contextlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from davit.models import DaViT, DaViTConfig
 from davit.models.davit import WindowAttention
@@ -145,3 +146,28 @@ def test_split_heads_gradients(drop: str) -> None:
     (g_ref,) = torch.autograd.grad(loss(ref), qkv)
     assert torch.equal(g_fused, g_ref)
     assert torch.autograd.gradcheck(lambda t: split_heads(t, 4), (qkv,))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_bias_fused_training_linear_matches_f_linear(autocast: bool) -> None:
+    from davit.models.fused import _bias_fused_training, linear_t
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 80, 96, requires_grad=True)  # 10240 rows of 96: the oneDNN-forward case
+    w = (torch.randn(288, 96) * 0.1).requires_grad_()
+    b = torch.randn(288, requires_grad=True)
+    dy = torch.randn(2, 64, 80, 288)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with ctx:
+        assert _bias_fused_training(x, w, b)
+        y = linear_t(x, w, b)
+        y_ref = F.linear(x, w, b)
+    assert y.dtype == y_ref.dtype
+    grads = torch.autograd.grad(y, (x, w, b), dy.to(y.dtype))
+    refs = torch.autograd.grad(y_ref, (x, w, b), dy.to(y.dtype))
+    tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-4}
+    torch.testing.assert_close(y.float(), y_ref.float(), **tol)
+    for g, r in zip(grads, refs):
+        assert g.dtype == r.dtype
+        torch.testing.assert_close(g, r, **tol)
+    assert not _bias_fused_training(x[:1, :8], w, b)  # few rows: plain F.linear
