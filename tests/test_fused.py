@@ -171,3 +171,18 @@ def test_bias_fused_training_linear_matches_f_linear(autocast: bool) -> None:
         assert g.dtype == r.dtype
         torch.testing.assert_close(g, r, **tol)
     assert not _bias_fused_training(x[:1, :8], w, b)  # few rows: plain F.linear
+
+
+def test_downsample_patch_linear_matches_conv() -> None:
+    from davit.models.davit import Downsample
+
+    torch.manual_seed(0)
+    ds = Downsample(8, 16, 2, 1e-5).double()
+    x = torch.randn(2, 7, 9, 8, dtype=torch.float64, requires_grad=True)  # odd H and W: padded to 8x10
+    y = ds(x)  # autograd recording: the patch Linear
+    assert "Permute" not in type(y.grad_fn).__name__  # the conv path ends in a permute
+    with torch.no_grad():
+        y_conv = ds(x)  # no autograd: the conv
+    torch.testing.assert_close(y, y_conv)
+    assert y.shape == (2, 4, 5, 16)
+    assert torch.autograd.gradcheck(ds, (x,))

