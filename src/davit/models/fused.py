@@ -123,7 +123,8 @@ def _bias_fused_training(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
     """Whether a training-mode Linear should run its forward as one oneDNN call (CPU, autograd recording, eager)."""
     if b is None or not x.is_cpu or not _HAS_ONEDNN or w.shape[1] > _BIAS_FUSED_MAX_K:
         return False
-    if x.numel() < _BIAS_FUSED_MIN_ROWS * w.shape[1] or not torch.is_grad_enabled() or _tracing():
+    # Tracing first: comparing a symbolic size would add a guard to an exported program.
+    if _tracing() or not torch.is_grad_enabled() or x.numel() < _BIAS_FUSED_MIN_ROWS * w.shape[1]:
         return False
     if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16:
         return False
