@@ -260,6 +260,41 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def train_setup(
+    impl: str, model_name: str, dtype: str, batch: int, level: str = "none", ckpt: bool = False
+) -> tuple[Any, Callable[..., None]]:
+    """A training model (``impl`` "ours" or "timm", drop path 0.1) and ``step(extra_ctx)``: one AdamW +
+    cross-entropy step on a fixed random batch, fp32 or bf16 autocast, the forward inside ``extra_ctx``."""
+    import torch
+
+    import davit
+
+    if impl == "timm":
+        import timm
+
+        model = timm.create_model(model_name, num_classes=1000, drop_path_rate=DROP_PATH)
+    else:
+        model = davit.create_model(model_name, drop_path_rate=DROP_PATH)
+        model.set_memory_saving(level)
+        if ckpt:
+            model.set_grad_checkpointing(True)
+    model.train()
+    # PyTorch's single-kernel AdamW on both sides: what `davit train` runs (timm's model gets the same optimiser).
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x = torch.randn(batch, 3, 224, 224)
+    y = torch.randint(0, 1000, (batch,))
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bf16" else contextlib.nullcontext
+
+    def step(extra: contextlib.AbstractContextManager | None = None) -> None:
+        with ctx(), extra or contextlib.nullcontext():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return model, step
+
+
 def _worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     """Run in a fresh process: one training configuration, or one high-resolution forward."""
     import torch
@@ -303,21 +338,9 @@ def _worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
             "peak_rss_mb": round(_peak_rss_mb()),
             "rss_before_mb": round(rss0),
         }
-    if spec["impl"] == "timm":
-        import timm
-
-        model = timm.create_model(spec["model"], num_classes=1000, drop_path_rate=DROP_PATH)
-    else:
-        model = davit.create_model(spec["model"], drop_path_rate=DROP_PATH)
-        model.set_memory_saving(spec.get("level", "none"))
-        if spec.get("ckpt"):
-            model.set_grad_checkpointing(True)
-    model.train()
-    # PyTorch's single-kernel AdamW on both sides: what `davit train` runs (timm's model gets the same optimiser).
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    x = torch.randn(spec["batch"], 3, 224, 224)
-    y = torch.randint(0, 1000, (spec["batch"],))
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if spec["dtype"] == "bf16" else contextlib.nullcontext
+    model, step = train_setup(
+        spec["impl"], spec["model"], spec["dtype"], spec["batch"], spec.get("level", "none"), spec.get("ckpt", False)
+    )
     rss_model = _peak_rss_mb()
     times, cpu = [], []
     n = spec["warmup"] + spec["steps"]
@@ -325,11 +348,7 @@ def _worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     for i in range(n):
         t0, c0 = time.perf_counter(), time.process_time()
         # The last step also counts what autograd saves (the hook only records sizes; it keeps nothing alive).
-        with ctx(), saved if i == n - 1 else contextlib.nullcontext():
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        step(saved if i == n - 1 else contextlib.nullcontext())
         if i >= spec["warmup"]:  # the first steps allocate AdamW's state and grow the heap (page faults)
             times.append(time.perf_counter() - t0)
             cpu.append((time.process_time() - c0) / times[-1] / spec["threads"])

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench import train_setup  # benchmarks/ is on sys.path when this script runs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import davit
@@ -49,40 +50,25 @@ class _OpTimer(TorchDispatchMode):
 
 
 def _runner(impl: str, mode: str, dtype: str, batch: int) -> Any:
-    """A zero-argument callable running one batch (inference) or one step (training)."""
+    """A zero-argument callable running one batch (inference) or one step (training, as ``bench.py`` trains)."""
+    if mode == "train":
+        return train_setup(impl, "davit_tiny", dtype, batch)[1]
     bf16 = dtype == "bf16"
     x = torch.randn(batch, 3, 224, 224)
     if impl == "timm":
         import timm
 
-        model = timm.create_model("davit_tiny", num_classes=1000, drop_path_rate=0.1 if mode == "train" else 0.0)
+        model = timm.create_model("davit_tiny", num_classes=1000).eval()
     else:
-        model = davit.create_model("davit_tiny", drop_path_rate=0.1 if mode == "train" else 0.0)
-    if mode == "infer":
-        model.eval()
-        if impl == "ours":
-            fast = davit.optimize(model, dtype=torch.bfloat16 if bf16 else None)
-            return lambda: fast(x)
-        ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-
-        def infer() -> None:
-            with torch.inference_mode(), ctx():
-                model(x)
-
-        return infer
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    y = torch.randint(0, 1000, (batch,))
+        fast = davit.optimize(davit.create_model("davit_tiny"), dtype=torch.bfloat16 if bf16 else None)
+        return lambda: fast(x)
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
-    def step() -> None:
-        with ctx():
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def infer() -> None:
+        with torch.inference_mode(), ctx():
+            model(x)
 
-    return step
+    return infer
 
 
 def profile(impl: str, args: argparse.Namespace) -> dict[str, Any]:
