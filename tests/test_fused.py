@@ -186,3 +186,58 @@ def test_downsample_patch_linear_matches_conv() -> None:
     torch.testing.assert_close(y, y_conv)
     assert y.shape == (2, 4, 5, 16)
     assert torch.autograd.gradcheck(ds, (x,))
+
+
+def _traced_targets(fn, *args) -> tuple[torch.Tensor, set]:
+    """Run ``fn`` under torch.compile with a backend that records the traced graph's ops (no code generation)."""
+    seen: set = set()
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        seen.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return out, seen
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN only")
+def test_compiled_fp32_linear_takes_onednn_with_many_rows() -> None:
+    from davit.models.fused import _COMPILED_ONEDNN_MIN_ROWS, linear
+
+    fc1, fc2 = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+
+    def mlp(x: torch.Tensor) -> torch.Tensor:
+        return linear(linear(x, fc1, gelu=True), fc2, residual=x)
+
+    binary, unary = "mkldnn._linear_pointwise.binary", "mkldnn._linear_pointwise"
+    with torch.no_grad():
+        x = torch.randn(2, _COMPILED_ONEDNN_MIN_ROWS // 2, 16)  # exactly the threshold
+        ref = x + fc2(F.gelu(fc1(x)))
+        out, seen = _traced_targets(mlp, x)
+        assert binary in seen and unary in seen  # bias, GELU and residual inside the oneDNN calls
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        _, seen = _traced_targets(mlp, x[:, :-1])  # fewer rows: Inductor's own Linear
+        assert binary not in seen and unary not in seen
+    with torch.enable_grad():  # under autograd: no oneDNN op (it has no backward)
+        _, seen = _traced_targets(mlp, x.requires_grad_())
+        assert binary not in seen and unary not in seen
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN only")
+def test_exported_linear_stays_portable() -> None:
+    from davit.models.fused import _COMPILED_ONEDNN_MIN_ROWS, linear
+
+    class M(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return linear(x, self.fc, residual=x)
+
+    x = torch.randn(_COMPILED_ONEDNN_MIN_ROWS, 16)
+    with torch.no_grad():  # inference, the case that takes oneDNN under torch.compile
+        ep = torch.export.export(M().eval().requires_grad_(False), (x,))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("mkldnn" in t for t in targets), targets
