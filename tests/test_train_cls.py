@@ -107,7 +107,12 @@ def test_bf16_autocast_channels_last_grad_checkpointing_and_memory_saving_train(
     assert main(["train", "--config", recipe, "--out", str(tmp_path), *MICRO, *extra, "data.val_split=0.5"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and np.isfinite(rows[0]["train_loss"]) and np.isfinite(rows[0]["val_loss"])
-    assert "amp bf16" in (tmp_path / "log.txt").read_text()
+    log = (tmp_path / "log.txt").read_text()
+    assert "amp bf16" in log
+    # The allocator trade-off is named where the user asked for memory (only where the tuning is in effect).
+    from davit.allocator import tune_cpu_allocator
+
+    assert ("DAVIT_MALLOC_TUNING=0 trades the other way" in log) == tune_cpu_allocator()
 
 
 def test_corrupt_images_are_skipped_and_counted_in_the_log(tmp_path: Path) -> None:

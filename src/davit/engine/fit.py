@@ -298,8 +298,14 @@ class _Run:
             log.warning("train.amp=fp16 on the CPU is slow and rarely supported well; bf16 is the CPU choice")
         if tc.threads > 0:
             torch.set_num_threads(tc.threads)
-        if self.device.type == "cpu":
-            tune_cpu_allocator()  # freed activations are reused, not page-faulted back in (davit/allocator.py)
+        if self.device.type == "cpu" and tune_cpu_allocator():  # freed activations are reused (davit/allocator.py)
+            if tc.grad_checkpointing or tc.memory_saving != "none":
+                # Measured (davit_tiny fp32 batch 32, memory_saving=all + checkpointing): peak RSS 3.0-3.3 GB tuned vs
+                # 2.75-2.78 GB with glibc's defaults, steps 5.6-5.9 s vs 6.9-7.6 s.
+                log.info(
+                    "memory saving is on but the CPU allocator keeps freed memory for speed: peak RSS ~10-25%% higher "
+                    "than with glibc's defaults, steps ~20-40%% faster; DAVIT_MALLOC_TUNING=0 trades the other way"
+                )
         # Same seed on every rank while building: identical initial weights (FSDP shards them without a broadcast).
         _seed_all(tc.seed)
         model = self.task.build_model()
