@@ -54,13 +54,18 @@ if _HAS_ONEDNN:
         pass
 
 
+def _cpu_inference(x: Tensor, weight: Tensor) -> bool:
+    """CPU tensors, oneDNN present, no autograd recording (oneDNN's fused ops have no backward), no ONNX export."""
+    if not _HAS_ONEDNN or not x.is_cpu or torch.onnx.is_in_onnx_export():
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+
+
 def _onednn_ok(x: Tensor, weight: Tensor) -> bool:
     """Whether :func:`linear` may call oneDNN directly: CPU inference in eager mode, float32 or bfloat16."""
-    if not x.is_cpu or torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
+    if torch.compiler.is_compiling() or torch.jit.is_scripting() or not _cpu_inference(x, weight):
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return False  # oneDNN's fused op has no backward
-    return weight.dtype in (torch.float32, torch.bfloat16) and _HAS_ONEDNN
+    return weight.dtype in (torch.float32, torch.bfloat16)
 
 
 def linear(x: Tensor, fc: nn.Linear, gelu: bool = False, residual: Tensor | None = None) -> Tensor:
@@ -136,11 +141,9 @@ _COMPILED_ONEDNN_MIN_ROWS = 512
 
 def _compiled_onednn(x: Tensor, w: Tensor) -> bool:
     """Whether an fp32 CPU inference Linear being compiled (not exported) should be traced as oneDNN's fused op."""
-    if not _HAS_ONEDNN or not torch.compiler.is_compiling() or torch.compiler.is_exporting():
+    if not torch.compiler.is_compiling() or torch.compiler.is_exporting() or not _cpu_inference(x, w):
         return False
-    if torch.onnx.is_in_onnx_export() or not x.is_cpu or x.dtype != torch.float32 or w.dtype != torch.float32:
-        return False
-    if torch.is_autocast_enabled("cpu") or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+    if x.dtype != torch.float32 or w.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
         return False
     return x.numel() >= _COMPILED_ONEDNN_MIN_ROWS * x.shape[-1]
 
