@@ -348,9 +348,6 @@ class Stem(nn.Module):
         return self.norm(self.conv(x).permute(0, 2, 3, 1))  # (B, H/4, W/4, C)
 
 
-_PATCH_LINEAR_TRAINING = True  # see Downsample._patch_linear
-
-
 class Downsample(nn.Module):
     """LayerNorm (*before* the conv) then a stride-2 conv: 2x2 pad 0 (official) or 3x3 pad 1 (overlapped)."""
 
@@ -368,8 +365,8 @@ class Downsample(nn.Module):
         if self.even:
             # Pad after the norm, to the kernel size, as the official code: zeros, not normalised zeros.
             x = pad_to_multiple(x, self.conv.kernel_size[0])
-            if self.conv.kernel_size == (2, 2) and _PATCH_LINEAR_TRAINING and use_fused_training(x, self.conv.weight):
-                return self._patch_linear(x)
+            if self.conv.kernel_size == (2, 2) and use_fused_training(x, self.conv.weight):
+                return self._patch_linear(x)  # under autograd only: conv kept for inference and export
         return self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H/2, W/2, Cout)
 
     def _patch_linear(self, x: Tensor) -> Tensor:
