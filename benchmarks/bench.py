@@ -338,6 +338,10 @@ def _worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
             "peak_rss_mb": round(_peak_rss_mb()),
             "rss_before_mb": round(rss0),
         }
+    if spec.get("alloc"):
+        from davit.allocator import tune_cpu_allocator
+
+        tune_cpu_allocator(spec["alloc"])
     model, step = train_setup(
         spec["impl"], spec["model"], spec["dtype"], spec["batch"], spec.get("level", "none"), spec.get("ckpt", False)
     )
@@ -399,13 +403,18 @@ def _spawn(kind: str, spec: dict[str, Any], default_malloc: bool = False) -> dic
 
 
 # (impl, memory-saving level, gradient checkpointing) per training row
-SPEED_CONFIGS = [("timm", "none", False), ("ours", "none", False), ("ours", "all", False)]
-MEMORY_CONFIGS = [("timm", "none", False), ("ours", "none", False), ("ours", "mlp", False), ("ours", "all", False)]
-MEMORY_CONFIGS += [("ours", "none", True), ("ours", "all", True)]
+# (impl, memory-saving level, gradient checkpointing, allocator policy) per training row; memory rows run under
+# glibc's defaults (None) unless they name a davit.allocator policy ("memory": what `davit train` picks with
+# checkpointing on the CPU; timm gets a row under the same policy for a like-for-like ratio).
+SPEED_CONFIGS = [("timm", "none", False, None), ("ours", "none", False, None), ("ours", "all", False, None)]
+MEMORY_CONFIGS = [("timm", "none", False, None), ("ours", "none", False, None), ("ours", "mlp", False, None)]
+MEMORY_CONFIGS += [("ours", "all", False, None), ("ours", "none", True, None), ("ours", "all", True, None)]
+MEMORY_CONFIGS += [("timm", "none", False, "memory"), ("ours", "all", True, "memory")]
 
 
-def _train_name(impl: str, dtype: str, level: str, ckpt: bool) -> str:
-    return f"{dtype}/{impl}" + (f" saving={level}" if level != "none" else "") + (" +grad-ckpt" if ckpt else "")
+def _train_name(impl: str, dtype: str, level: str, ckpt: bool, alloc: str | None = None) -> str:
+    name = f"{dtype}/{impl}" + (f" saving={level}" if level != "none" else "") + (" +grad-ckpt" if ckpt else "")
+    return name + (f" alloc={alloc}" if alloc else "")
 
 
 def bench_train(args: argparse.Namespace) -> dict[str, Any]:
@@ -417,7 +426,7 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     ]
     # Configurations alternate over rounds so load spikes hit both sides.
     for rnd in range(1 if args.quick else 2):
-        for what, (impl, level, ckpt), batch in plans:
+        for what, (impl, level, ckpt, alloc), batch in plans:
             if what == "memory" and rnd:
                 continue  # memory does not depend on the machine's load: one round
             for dtype in ("fp32", "bf16"):
@@ -431,8 +440,9 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
                     "warmup": 1 if what == "memory" else (2 if args.quick else 3),
                     "steps": 2 if what == "memory" else 3,
                     "threads": args.threads,
+                    "alloc": alloc,
                 }
-                name = f"{what}/{_train_name(impl, dtype, level, ckpt)}"
+                name = f"{what}/{_train_name(impl, dtype, level, ckpt, alloc)}"
                 r = _spawn("train", spec, default_malloc=what == "memory")
                 r["batch"] = batch
                 runs.setdefault(name, []).append(r)

@@ -1,17 +1,23 @@
-"""CPU allocator tuning for glibc: keep freed activations instead of handing them back to the OS.
+"""CPU allocator tuning for glibc: trade memory for speed (keep freed activations) or speed for memory (return them).
 
-glibc's malloc serves every large block (a 224x224 batch's activations are tens of MB each) with a fresh ``mmap`` and
-returns it with ``munmap`` when the tensor dies, so the next forward pass page-faults all of that memory back in, at
-about 1-5 us per 4 KiB page. Measured here: davit_tiny fp32 inference at batch 32 runs at 17.7-19.9 images/s with
-glibc's defaults and 25.3-27.4 with this tuning (``benchmarks/bench.py``, section ``alloc``, two runs); a training
-step's first iterations spend most of their extra time in the same faults.
+glibc's malloc serves a large block from a fresh ``mmap`` and returns it with ``munmap`` when the tensor dies, so the
+next pass page-faults all of that memory back in, at about 1-5 us per 4 KiB page. It also raises its mmap threshold
+(up to 32 MB) each time it unmaps a block, after which blocks of that size come from the heap, where freed holes keep
+the process's resident memory (RSS) high. :func:`tune_cpu_allocator` sets, through ``mallopt`` in the running process,
+one of two policies:
 
-:func:`tune_cpu_allocator` applies, through ``mallopt`` in the running process, what the environment variables
-``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<2 GB> MALLOC_TOP_PAD_=512M`` would: large blocks come from the heap and
-freed memory stays mapped for reuse. The price: the process keeps its high-water mark of memory until it exits, which
-suits an inference server or a training run, not a short-lived tool in a memory-tight place. ``davit.optimize`` and
-the CPU training loop call it; ``DAVIT_MALLOC_TUNING=0`` in the environment (or ``optimize(..., tune_allocator=False)``)
-leaves the allocator alone. Not glibc (musl, macOS, Windows): nothing happens.
+``"speed"`` (``davit.optimize``, the CPU training loop): large blocks come from the heap and freed memory stays mapped
+    for reuse, as ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<2 GB> MALLOC_TOP_PAD_=512M`` would. davit_tiny fp32
+    inference at batch 32: 15.0 images/s with glibc's defaults, 26.1 tuned (``benchmarks/bench.py``, section
+    ``alloc``). The price: the process keeps its memory high-water mark until it exits.
+``"memory"`` (the CPU training loop with gradient checkpointing): every block over 1 MiB is mapped on its own and
+    returned when freed (``MALLOC_MMAP_THRESHOLD_=1048576``: a fixed threshold also stops glibc's raising of it), so
+    RSS follows the memory in use. davit_tiny fp32 training, batch 32, ``memory_saving="all"`` + checkpointing, fresh
+    processes: peak RSS 1.96 GB against 2.41-2.73 GB with glibc's defaults and 3.05-3.30 GB with ``"speed"``; steps
+    ~25% slower than glibc's defaults (the page faults).
+
+``DAVIT_MALLOC_TUNING`` in the environment overrides the caller: ``0`` leaves the allocator alone, ``speed`` or
+``memory`` picks that policy. Not glibc (musl, macOS, Windows): nothing happens.
 """
 
 from __future__ import annotations
@@ -21,37 +27,61 @@ import logging
 import os
 import platform
 
-__all__ = ["tune_cpu_allocator"]
+__all__ = ["MODES", "tune_cpu_allocator"]
 
 log = logging.getLogger(__name__)
 
 # mallopt parameter numbers from glibc's <malloc.h>
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
-_SETTINGS = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 512 << 20))
-_done = False
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
+_SETTINGS = {
+    "speed": ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 512 << 20)),
+    # glibc's own defaults for the rest (mallopt(3)), so that "memory" also undoes an earlier "speed"
+    "memory": (
+        (_M_MMAP_MAX, 65536),
+        (_M_MMAP_THRESHOLD, 1 << 20),
+        (_M_TRIM_THRESHOLD, 128 << 10),
+        (_M_TOP_PAD, 128 << 10),
+    ),
+}
+MODES = tuple(_SETTINGS)
+_OFF = ("0", "false", "no", "off")
+_current: str | None = None
 
 
-def tune_cpu_allocator() -> bool:
-    """Tune glibc's malloc for PyTorch CPU work (see the module notes). Idempotent; returns whether it is in effect.
+def tune_cpu_allocator(mode: str = "speed") -> str | None:
+    """Set glibc's malloc policy for this process (see the module notes): ``"speed"`` or ``"memory"``.
 
-    Skipped (False) when ``DAVIT_MALLOC_TUNING=0``, when the C library is not glibc, or when ``mallopt`` refuses.
+    Returns the policy in effect (the environment's ``DAVIT_MALLOC_TUNING=speed|memory`` wins over ``mode``), or
+    None when nothing was done: ``DAVIT_MALLOC_TUNING=0``, a C library other than glibc, or ``mallopt`` refusing.
+    Calling it again with the policy already in effect does nothing.
     """
-    global _done
-    if _done:
-        return True
-    if os.environ.get("DAVIT_MALLOC_TUNING", "1").strip().lower() in ("0", "false", "no", "off"):
-        return False
+    global _current
+    if mode not in _SETTINGS:
+        raise ValueError(f"allocator mode must be one of {', '.join(MODES)}; got {mode!r}")
+    env = os.environ.get("DAVIT_MALLOC_TUNING", "").strip().lower()
+    if env in _OFF:
+        return None
+    if env in _SETTINGS:
+        mode = env
+    elif env not in ("", "1", "true", "yes", "on"):
+        raise ValueError(f"DAVIT_MALLOC_TUNING must be 0, 1, {' or '.join(MODES)}; got {env!r}")
+    if _current == mode:
+        return mode
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
-        return False
+        return None
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    if not all(mallopt(param, value) == 1 for param, value in _SETTINGS):
-        log.warning("mallopt refused the allocator tuning; CPU speed may suffer from page faults")
-        return False
-    _done = True
-    log.info("CPU allocator: freed memory is kept for reuse (DAVIT_MALLOC_TUNING=0 to disable)")
-    return True
+    if not all(mallopt(param, value) == 1 for param, value in _SETTINGS[mode]):
+        log.warning("mallopt refused the %r allocator policy; glibc's behaviour is unchanged or partly changed", mode)
+        return None
+    _current = mode
+    if mode == "speed":
+        log.info("CPU allocator: freed memory is kept for reuse (DAVIT_MALLOC_TUNING=0 to disable)")
+    else:
+        log.info(
+            "CPU allocator: freed blocks over 1 MiB go back to the OS (lower peak RSS, slower; see davit.allocator)"
+        )
+    return mode

@@ -306,6 +306,9 @@ class LoopConfig:
         grad_checkpointing: recompute activations in the backward pass to save memory.
         memory_saving: ``none`` | ``mlp`` | ``all``: DaViT branches that store fewer activations for the backward
             pass at a few % of speed (``DaViT.set_memory_saving``); combines with ``grad_checkpointing``.
+        cpu_allocator: glibc's malloc policy on the CPU (``davit.allocator``): ``speed`` keeps freed memory for
+            reuse, ``memory`` returns it to the OS (lower peak RSS, slower steps), ``system`` leaves glibc's defaults,
+            ``auto`` is ``memory`` with ``grad_checkpointing`` and ``speed`` without.
         ema: keep an exponential moving average of the weights (evaluated and saved as the weights when on).
         ema_decay: EMA decay per optimizer step.
         eval_every: evaluate every this many epochs (or iterations for iteration-based runs).
@@ -326,6 +329,7 @@ class LoopConfig:
     channels_last: bool = False
     grad_checkpointing: bool = False
     memory_saving: str = "none"
+    cpu_allocator: str = "auto"
     ema: bool = False
     ema_decay: float = 0.9999
     eval_every: int = 1
@@ -341,6 +345,8 @@ class LoopConfig:
             raise ValueError(f"train.amp must be none, bf16 or fp16; got {self.amp!r}")
         if self.memory_saving not in ("none", "mlp", "all"):
             raise ValueError(f"train.memory_saving must be none, mlp or all; got {self.memory_saving!r}")
+        if self.cpu_allocator not in ("auto", "speed", "memory", "system"):
+            raise ValueError(f"train.cpu_allocator must be auto, speed, memory or system; got {self.cpu_allocator!r}")
         if self.distributed not in ("auto", "none", "ddp", "fsdp"):
             raise ValueError(f"train.distributed must be auto, none, ddp or fsdp; got {self.distributed!r}")
         if self.epochs < 0 or self.iters < 0 or (self.epochs > 0 and self.iters > 0):

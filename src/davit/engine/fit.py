@@ -288,6 +288,28 @@ class _Run:
         stack.callback(fh.close)
         return stack
 
+    def _set_cpu_allocator(self) -> None:
+        """glibc's malloc policy (davit/allocator.py); measured on davit_tiny fp32 batch 32, memory_saving=all +
+        checkpointing, fresh processes: peak RSS 1.96 GB "memory", 2.41-2.73 glibc defaults, 3.05-3.30 "speed";
+        seconds per step ~9.5, ~7.6, ~5.7."""
+        tc = self.tc
+        want = tc.cpu_allocator
+        if want == "auto":
+            want = "memory" if tc.grad_checkpointing else "speed"
+        if want == "system":
+            return
+        got = tune_cpu_allocator(want)
+        if got == "memory" and tc.grad_checkpointing and tc.cpu_allocator == "auto":
+            log.info(
+                "gradient checkpointing: the CPU allocator returns freed memory to the OS (lowest peak RSS, steps "
+                "~25%% slower than glibc's defaults); train.cpu_allocator=speed or system trades the other way"
+            )
+        elif got == "speed" and tc.memory_saving != "none":
+            log.info(
+                "memory saving is on but the CPU allocator keeps freed memory for speed: peak RSS ~10-25%% higher "
+                "than with glibc's defaults, steps ~20-40%% faster; train.cpu_allocator=memory trades the other way"
+            )
+
     def _build(self) -> None:
         tc, info = self.tc, self.info
         if tc.epochs <= 0 and tc.iters <= 0:
@@ -298,14 +320,8 @@ class _Run:
             log.warning("train.amp=fp16 on the CPU is slow and rarely supported well; bf16 is the CPU choice")
         if tc.threads > 0:
             torch.set_num_threads(tc.threads)
-        if self.device.type == "cpu" and tune_cpu_allocator():  # freed activations are reused (davit/allocator.py)
-            if tc.grad_checkpointing or tc.memory_saving != "none":
-                # Measured (davit_tiny fp32 batch 32, memory_saving=all + checkpointing): peak RSS 3.0-3.3 GB tuned vs
-                # 2.75-2.78 GB with glibc's defaults, steps 5.6-5.9 s vs 6.9-7.6 s.
-                log.info(
-                    "memory saving is on but the CPU allocator keeps freed memory for speed: peak RSS ~10-25%% higher "
-                    "than with glibc's defaults, steps ~20-40%% faster; DAVIT_MALLOC_TUNING=0 trades the other way"
-                )
+        if self.device.type == "cpu":
+            self._set_cpu_allocator()
         # Same seed on every rank while building: identical initial weights (FSDP shards them without a broadcast).
         _seed_all(tc.seed)
         model = self.task.build_model()
