@@ -241,3 +241,41 @@ def test_exported_linear_stays_portable() -> None:
         ep = torch.export.export(M().eval().requires_grad_(False), (x,))
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
     assert not any("mkldnn" in t for t in targets), targets
+
+
+@pytest.mark.parametrize(
+    "variant", [{}, {"v2": True}, {"v2": True, "dynamic_scale": False}], ids=["official", "v2", "v2-static"]
+)
+def test_channel_attention_per_image_path_matches_batched_ops(variant: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from davit.models import fused
+    from davit.models.davit import ChannelAttention
+
+    torch.manual_seed(0)
+    attn = ChannelAttention(96, 3, **variant)
+    x = torch.randn(2, 784, 96)  # 2 images of 28x28 tokens: the per-image path's smallest case at 784 tokens
+    res = torch.randn(2, 784, 96)
+
+    def run(x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        attn.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        out = attn(xg, residual=res)
+        (out * torch.linspace(-1, 1, 96)).square().sum().backward()
+        return out.detach(), [xg.grad, *(p.grad for p in attn.parameters())]
+
+    calls = []
+    recompute = fused.ChannelCore.recompute
+    monkeypatch.setattr(fused.ChannelCore, "recompute", lambda self, qkv: calls.append(1) or recompute(self, qkv))
+    assert attn.core.per_image(torch.empty(2, 784, 288))
+    assert not attn.core.per_image(torch.empty(2, 784, 288, dtype=torch.bfloat16))  # oneDNN copies strided bf16
+    assert not attn.core.per_image(torch.empty(8, 49, 288))  # small maps: the batched form is faster
+    out, grads = run(x)
+    with torch.no_grad():
+        out_nograd = attn(x, residual=res)
+    assert len(calls) == 2  # forward under autograd and without it both took the per-image path
+    monkeypatch.setattr(fused, "_CA_PER_IMAGE_MIN_TOKENS", 10**9)  # the batched 4-D matmuls
+    ref, ref_grads = run(x)
+    assert len(calls) == 2
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(out_nograd, ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        assert (g - r).abs().max() <= 1e-5 * r.abs().max(), "gradient differs from the batched path"

@@ -26,7 +26,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .fused import ChannelCore, WindowCore, _onednn_ok, attn_branch, linear, ln_mlp, split_heads, use_fused_training
+from .fused import (
+    ChannelCore,
+    WindowCore,
+    _onednn_ok,
+    attn_branch,
+    channel_attend,
+    linear,
+    ln_mlp,
+    split_heads,
+    use_fused_training,
+)
 from .windows import _tracing, pad_to_multiple, window_partition, window_reverse
 
 __all__ = [
@@ -179,10 +189,15 @@ class ChannelAttention(nn.Module):
         self.dynamic_scale = dynamic_scale
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, device=device, dtype=dtype)
         self.proj = nn.Linear(dim, dim, device=device, dtype=dtype)
+        self.core = ChannelCore(num_groups, v2, dynamic_scale)  # the same attention, one image at a time
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         B, N, C = x.shape  # (B, H*W, C)
-        q, k, v = split_heads(linear(x, self.qkv), self.num_groups)  # each (B, G, N, Cg)
+        qkv = linear(x, self.qkv)
+        out = channel_attend(qkv, self.core)  # float32 CPU on large maps: per image, no copies (fused.py)
+        if out is not None:
+            return linear(out, self.proj, residual=residual)
+        q, k, v = split_heads(qkv, self.num_groups)  # each (B, G, N, Cg)
         if self.v2:
             scale = N**-0.5 if self.dynamic_scale else self.head_dim**-0.5
             attn = (q * scale).transpose(-1, -2) @ k  # (B, G, Cg, Cg)
@@ -321,7 +336,7 @@ class ChannelBlock(_DualBlockBase):
     ) -> None:
         super().__init__(dim, mlp_ratio, drop_path, ffn, cpe_act, norm_eps, device=device, dtype=dtype)
         self.attn = ChannelAttention(dim, num_groups, qkv_bias, v2, dynamic_scale, device=device, dtype=dtype)
-        self.core = ChannelCore(num_groups, v2, dynamic_scale)
+        self.core = self.attn.core
 
     def mix(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         B, H, W, C = x.shape
