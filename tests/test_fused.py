@@ -268,6 +268,8 @@ def test_channel_attention_per_image_path_matches_batched_ops(variant: dict, mon
     assert attn.core.per_image(torch.empty(2, 784, 288))
     assert not attn.core.per_image(torch.empty(2, 784, 288, dtype=torch.bfloat16))  # oneDNN copies strided bf16
     assert not attn.core.per_image(torch.empty(8, 49, 288))  # small maps: the batched form is faster
+    assert not attn.core.per_image(torch.empty(1, 3136, 288))  # one image
+    assert not attn.core.per_image(torch.empty(2, 12544, 288))  # high resolution
     out, grads = run(x)
     with torch.no_grad():
         out_nograd = attn(x, residual=res)

@@ -414,9 +414,12 @@ class WindowCore:
 # of the qkv buffer for every image at once and then re-lay the output, which at batch 16 also spills the caches.
 # Measured here (davit_tiny shapes, fp32, 2 threads): forward at batch 16, 3136 tokens x 96 channels 28.7 -> 5.9 ms,
 # 784 x 192 5.2 -> 2.2 ms, 196 x 384 2.8 -> 2.0 ms; forward + backward 63 -> 35, 24 -> 9, 10.7 -> 5.8 ms; at 49
-# tokens and in bf16 (oneDNN's batched GEMM copies strided operands itself) the batched form is faster.
+# tokens and in bf16 (oneDNN's batched GEMM copies strided operands itself) the batched form is faster, and so it
+# is for a single image and on high-resolution maps, where the output GEMM's N rows of 32 columns lose to the
+# batched form's N columns (batch 1 at 896x896: 790 vs 559 ms per image).
 _CA_PER_IMAGE_MIN_TOKENS = 196
-_CA_PER_IMAGE_MIN_ROWS = 1568  # batch x tokens: one 3136-token image, two 784-token ones, eight 196-token ones
+_CA_PER_IMAGE_MAX_TOKENS = 3136  # 56x56, stage 1 at 224x224: the largest map measured to gain
+_CA_PER_IMAGE_MIN_ROWS = 1568  # batch x tokens: two 784-token images, eight 196-token ones
 
 
 class ChannelCore:
@@ -447,7 +450,9 @@ class ChannelCore:
     def per_image(self, qkv: Tensor) -> bool:
         """Whether :meth:`recompute` and :meth:`attend_backward` loop over the images (see the notes above)."""
         B, N, _ = qkv.shape
-        if qkv.dtype != torch.float32 or not qkv.is_cpu or N < _CA_PER_IMAGE_MIN_TOKENS:
+        if qkv.dtype != torch.float32 or not qkv.is_cpu or B < 2:
+            return False
+        if not _CA_PER_IMAGE_MIN_TOKENS <= N <= _CA_PER_IMAGE_MAX_TOKENS:
             return False
         return B * N >= _CA_PER_IMAGE_MIN_ROWS and not _tracing()
 
