@@ -449,12 +449,13 @@ class ChannelCore:
 
     def per_image(self, qkv: Tensor) -> bool:
         """Whether :meth:`recompute` and :meth:`attend_backward` loop over the images (see the notes above)."""
+        # Tracing first: a size comparison on a symbolic batch would turn into a guard that pins it.
+        if _tracing() or qkv.dtype != torch.float32 or not qkv.is_cpu:
+            return False
         B, N, _ = qkv.shape
-        if qkv.dtype != torch.float32 or not qkv.is_cpu or B < 2:
+        if B < 2 or not _CA_PER_IMAGE_MIN_TOKENS <= N <= _CA_PER_IMAGE_MAX_TOKENS:
             return False
-        if not _CA_PER_IMAGE_MIN_TOKENS <= N <= _CA_PER_IMAGE_MAX_TOKENS:
-            return False
-        return B * N >= _CA_PER_IMAGE_MIN_ROWS and not _tracing()
+        return B * N >= _CA_PER_IMAGE_MIN_ROWS
 
     def attend(self, qkv: Tensor) -> Tensor:
         return self.recompute(qkv)[1]
