@@ -402,7 +402,6 @@ def _spawn(kind: str, spec: dict[str, Any], default_malloc: bool = False) -> dic
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-# (impl, memory-saving level, gradient checkpointing) per training row
 # (impl, memory-saving level, gradient checkpointing, allocator policy) per training row; memory rows run under
 # glibc's defaults (None) unless they name a davit.allocator policy ("memory": what `davit train` picks with
 # checkpointing on the CPU; timm gets a row under the same policy for a like-for-like ratio).
