@@ -509,12 +509,17 @@ def flops_per_image(model_name: str) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     import davit
+    import davit.models.fused as fused
 
     m = davit.create_model(model_name).eval()
-    # Grad enabled on purpose: the model then takes its plain ATen path, whose ops the counter knows (the fused
-    # oneDNN inference ops are invisible to it).
-    with FlopCounterMode(display=False) as fc:
-        m(torch.randn(1, 3, 224, 224))
+    # Grad enabled and the oneDNN training GEMMs off, on purpose: the model then takes its plain ATen path, whose
+    # ops the counter knows (the fused oneDNN ops are invisible to it).
+    keep, fused.ONEDNN_FP32_TRAINING = fused.ONEDNN_FP32_TRAINING, False
+    try:
+        with FlopCounterMode(display=False) as fc:
+            m(torch.randn(1, 3, 224, 224))
+    finally:
+        fused.ONEDNN_FP32_TRAINING = keep
     return float(fc.get_total_flops())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -45,9 +46,15 @@ def _measured_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
     def sdpa(q, k, v, *args, **kwargs):  # shapes, as FlopCounterMode passes them
         return sdpa_flop_count(q, k, v)
 
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa}
-    # With autograd on, the model takes its plain PyTorch path (its oneDNN inference fast path is invisible to the
-    # counter); the count does not depend on the path.
+    def onednn_linear(x, *args, out_shape=None, **kwargs):  # the fused Linear some CPU training GEMMs go through
+        return 2 * math.prod(out_shape) * x[-1]
+
+    mapping = {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa,
+        torch.ops.mkldnn._linear_pointwise: onednn_linear,
+    }
+    # With autograd on, the model takes its training path (the inference path fuses convs the counter does not
+    # know); the count does not depend on the path.
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         model(x)
     for h in hooks:

@@ -148,10 +148,16 @@ def test_split_heads_gradients(drop: str) -> None:
     assert torch.autograd.gradcheck(lambda t: split_heads(t, 4), (qkv,))
 
 
+@pytest.mark.parametrize("onednn_fp32", [False, True])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_bias_fused_training_linear_matches_f_linear(autocast: bool) -> None:
+def test_bias_fused_training_linear_matches_f_linear(
+    autocast: bool, onednn_fp32: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import davit.models.fused as fused
     from davit.models.fused import _bias_fused_training, linear_t
 
+    # Both CPU policies on any machine: the plain fp32 backward (Intel) and every fp32 GEMM through oneDNN (others).
+    monkeypatch.setattr(fused, "ONEDNN_FP32_TRAINING", onednn_fp32)
     torch.manual_seed(0)
     x = torch.randn(2, 64, 80, 96, requires_grad=True)  # 10240 rows of 96: the oneDNN-forward case
     w = (torch.randn(288, 96) * 0.1).requires_grad_()
@@ -170,7 +176,31 @@ def test_bias_fused_training_linear_matches_f_linear(autocast: bool) -> None:
     for g, r in zip(grads, refs):
         assert g.dtype == r.dtype
         torch.testing.assert_close(g, r, **tol)
-    assert not _bias_fused_training(x[:1, :8], w, b)  # few rows: plain F.linear
+    # Few rows (fp32, outside autocast): plain F.linear, unless fp32 GEMMs all go through oneDNN.
+    assert _bias_fused_training(x[:1, :8], w, b) == onednn_fp32
+
+
+@pytest.mark.parametrize("rows", [300, 4000])
+def test_onednn_fp32_gradients_match_autograd(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The oneDNN fp32 training Linear (forward, input gradient, and the weight gradient: oneDNN over few rows, MKL
+    over many), with and without bias, on a non-contiguous incoming gradient, against autograd through F.linear."""
+    import davit.models.fused as fused
+    from davit.models.fused import _bias_fused_training, linear_t
+
+    monkeypatch.setattr(fused, "ONEDNN_FP32_TRAINING", True)
+    torch.manual_seed(0)
+    for bias in (True, False):
+        x = torch.randn(rows, 192, requires_grad=True)
+        w = (torch.randn(576, 192) * 0.1).requires_grad_()
+        b = torch.randn(576, requires_grad=True) if bias else None
+        dy = torch.randn(576, rows).t()  # a transposed (non-contiguous) gradient
+        assert _bias_fused_training(x, w, b)
+        y = linear_t(x, w, b)
+        y_ref = F.linear(x, w, b)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-4)
+        inputs = (x, w) + ((b,) if bias else ())
+        for g, r in zip(torch.autograd.grad(y, inputs, dy), torch.autograd.grad(y_ref, inputs, dy)):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-3)
 
 
 def test_downsample_patch_linear_matches_conv() -> None:
