@@ -514,12 +514,12 @@ def flops_per_image(model_name: str) -> float:
     m = davit.create_model(model_name).eval()
     # Grad enabled and the oneDNN training GEMMs off, on purpose: the model then takes its plain ATen path, whose
     # ops the counter knows (the fused oneDNN ops are invisible to it).
-    keep, fused.ONEDNN_FP32_TRAINING = fused.ONEDNN_FP32_TRAINING, False
+    keep, fused.ONEDNN_FP32 = fused.ONEDNN_FP32, False
     try:
         with FlopCounterMode(display=False) as fc:
             m(torch.randn(1, 3, 224, 224))
     finally:
-        fused.ONEDNN_FP32_TRAINING = keep
+        fused.ONEDNN_FP32 = keep
     return float(fc.get_total_flops())
 
 

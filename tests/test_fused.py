@@ -157,7 +157,7 @@ def test_bias_fused_training_linear_matches_f_linear(
     from davit.models.fused import _bias_fused_training, linear_t
 
     # Both CPU policies on any machine: the plain fp32 backward (Intel) and every fp32 GEMM through oneDNN (others).
-    monkeypatch.setattr(fused, "ONEDNN_FP32_TRAINING", onednn_fp32)
+    monkeypatch.setattr(fused, "ONEDNN_FP32", onednn_fp32)
     torch.manual_seed(0)
     x = torch.randn(2, 64, 80, 96, requires_grad=True)  # 10240 rows of 96: the oneDNN-forward case
     w = (torch.randn(288, 96) * 0.1).requires_grad_()
@@ -187,7 +187,7 @@ def test_onednn_fp32_gradients_match_autograd(rows: int, monkeypatch: pytest.Mon
     import davit.models.fused as fused
     from davit.models.fused import _bias_fused_training, linear_t
 
-    monkeypatch.setattr(fused, "ONEDNN_FP32_TRAINING", True)
+    monkeypatch.setattr(fused, "ONEDNN_FP32", True)
     torch.manual_seed(0)
     for bias in (True, False):
         x = torch.randn(rows, 192, requires_grad=True)
@@ -232,9 +232,13 @@ def _traced_targets(fn, *args) -> tuple[torch.Tensor, set]:
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN only")
-def test_compiled_fp32_linear_takes_onednn_with_many_rows() -> None:
-    from davit.models.fused import _COMPILED_ONEDNN_MIN_ROWS, linear
+@pytest.mark.parametrize("min_rows", [512, 0], ids=["mkl-fast-cpu", "onednn-fp32-cpu"])
+def test_compiled_fp32_linear_takes_onednn_with_many_rows(min_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from davit.models import fused
+    from davit.models.fused import linear
 
+    # Both machine policies: Intel keeps Inductor's Linear below 512 rows, other CPUs send every Linear to oneDNN.
+    monkeypatch.setattr(fused, "_COMPILED_ONEDNN_MIN_ROWS", min_rows)
     fc1, fc2 = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
 
     def mlp(x: torch.Tensor) -> torch.Tensor:
@@ -242,13 +246,14 @@ def test_compiled_fp32_linear_takes_onednn_with_many_rows() -> None:
 
     binary, unary = "mkldnn._linear_pointwise.binary", "mkldnn._linear_pointwise"
     with torch.no_grad():
-        x = torch.randn(2, _COMPILED_ONEDNN_MIN_ROWS // 2, 16)  # exactly the threshold
+        x = torch.randn(2, max(min_rows // 2, 4), 16)  # exactly the threshold
         ref = x + fc2(F.gelu(fc1(x)))
         out, seen = _traced_targets(mlp, x)
         assert binary in seen and unary in seen  # bias, GELU and residual inside the oneDNN calls
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-        _, seen = _traced_targets(mlp, x[:, :-1])  # fewer rows: Inductor's own Linear
-        assert binary not in seen and unary not in seen
+        if min_rows:
+            _, seen = _traced_targets(mlp, x[:, :-1])  # fewer rows: Inductor's own Linear
+            assert binary not in seen and unary not in seen
     with torch.enable_grad():  # under autograd: no oneDNN op (it has no backward)
         _, seen = _traced_targets(mlp, x.requires_grad_())
         assert binary not in seen and unary not in seen
@@ -256,7 +261,7 @@ def test_compiled_fp32_linear_takes_onednn_with_many_rows() -> None:
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN only")
 def test_exported_linear_stays_portable() -> None:
-    from davit.models.fused import _COMPILED_ONEDNN_MIN_ROWS, linear
+    from davit.models.fused import linear
 
     class M(torch.nn.Module):
         def __init__(self) -> None:
@@ -266,7 +271,7 @@ def test_exported_linear_stays_portable() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return linear(x, self.fc, residual=x)
 
-    x = torch.randn(_COMPILED_ONEDNN_MIN_ROWS, 16)
+    x = torch.randn(512, 16)  # rows that take oneDNN under torch.compile on every CPU
     with torch.no_grad():  # inference, the case that takes oneDNN under torch.compile
         ep = torch.export.export(M().eval().requires_grad_(False), (x,))
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}

@@ -55,6 +55,25 @@ if _HAS_ONEDNN:
         pass
 
 
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+# MKL runs its AVX2 SGEMM kernels on non-Intel CPUs, while oneDNN uses AVX-512 wherever the CPU has it: on a 2-core
+# AMD EPYC (Zen 4) fp32 GEMMs measured MKL 156-169 vs oneDNN 206-210 GFLOP/s. There fp32 GEMMs that oneDNN runs
+# faster go through it: in training the forward (bias in its epilogue), the input gradient and the weight gradient
+# over few rows; under torch.compile every inference Linear, not only those over many rows. On Intel CPUs MKL and
+# oneDNN run fp32 at the same rate, and the plain ops (MKL) are kept where they were measured faster.
+ONEDNN_FP32 = _HAS_ONEDNN and _cpu_vendor() not in ("", "GenuineIntel")
+
+
 def _cpu_inference(x: Tensor, weight: Tensor) -> bool:
     """CPU tensors, oneDNN present, no autograd recording (oneDNN's fused ops have no backward), no ONNX export."""
     if not _HAS_ONEDNN or not x.is_cpu or torch.onnx.is_in_onnx_export():
@@ -136,8 +155,10 @@ def _onednn_linear(x: Tensor, w: Tensor, b: Tensor | None, gelu: bool, residual:
 # Under torch.compile with frozen weights, Inductor sends fp32 Linears to MKL's packed SGEMM, with the bias, GELU and
 # residual as separate passes; oneDNN with those in its epilogue is faster wherever the rows amortise its per-call
 # weight re-layout (fp32, davit_tiny 224, same-process A/B: batch 32 -8.5% per batch with every Linear on oneDNN;
-# batch 1 -5.6% with the >= 784-row stage-1/2 Linears, +5% with all). bf16 already takes Inductor's oneDNN path.
-_COMPILED_ONEDNN_MIN_ROWS = 512
+# batch 1 -5.6% with the >= 784-row stage-1/2 Linears, +5% with all). Where MKL's fp32 GEMM is the slower one (see
+# ONEDNN_FP32) every Linear goes to oneDNN: batch 1 69.2 -> 59.0 ms on the AMD EPYC, batch 32 unchanged (all its
+# Linears have >= 512 rows). bf16 already takes Inductor's oneDNN path.
+_COMPILED_ONEDNN_MIN_ROWS = 0 if ONEDNN_FP32 else 512
 
 
 def _compiled_onednn(x: Tensor, w: Tensor) -> bool:
@@ -146,7 +167,7 @@ def _compiled_onednn(x: Tensor, w: Tensor) -> bool:
         return False
     if x.dtype != torch.float32 or w.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
         return False
-    return x.numel() >= _COMPILED_ONEDNN_MIN_ROWS * x.shape[-1]
+    return _COMPILED_ONEDNN_MIN_ROWS == 0 or x.numel() >= _COMPILED_ONEDNN_MIN_ROWS * x.shape[-1]
 
 
 def _onednn_linear_2d(x: Tensor, w: Tensor, b: Tensor | None, gelu: bool, residual: Tensor | None) -> Tensor:
@@ -163,29 +184,13 @@ _BIAS_FUSED_MAX_K = 128
 _BIAS_FUSED_MIN_ROWS = 8192
 
 
-def _cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
-# MKL runs its AVX2 SGEMM kernels on non-Intel CPUs, while oneDNN uses AVX-512 wherever the CPU has it: on a 2-core
-# AMD EPYC (Zen 4) fp32 GEMMs measured MKL 156-169 vs oneDNN 206-210 GFLOP/s. There every fp32 training GEMM that
-# oneDNN runs faster goes through it (forward with the bias in its epilogue, the input gradient, and the weight
-# gradient over few rows); on Intel CPUs MKL and oneDNN run fp32 at the same rate and the plain ops are kept.
-ONEDNN_FP32_TRAINING = _HAS_ONEDNN and _cpu_vendor() not in ("", "GenuineIntel")
 # Weight gradients over at most this many rows (stage 4 at batch 16: 784) are faster through oneDNN on AMD (170-186
 # vs 133-157 GFLOP/s); over more rows MKL's reduction is faster (e.g. 3136 rows: 180 vs 147).
 _ONEDNN_DW_MAX_ROWS = 2048
 
 
 def _onednn_fp32(t: Tensor, w: Tensor) -> bool:
-    return ONEDNN_FP32_TRAINING and t.dtype == torch.float32 and w.dtype == torch.float32 and t.is_cpu
+    return ONEDNN_FP32 and t.dtype == torch.float32 and w.dtype == torch.float32 and t.is_cpu
 
 
 def _bias_fused_training(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
