@@ -626,7 +626,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
         axes[3].barh(names, [mem[n]["saved_mb"] / 1024 for n in names], color=colors, label="saved for backward")
         axes[3].invert_yaxis()
         axes[3].set_xlabel("GB")
-        axes[3].set_title(f"training memory, fp32 b{next(iter(mem.values()))['batch']} (lower is better)")
+        axes[3].set_title(f"training memory, fp32 b{next(iter(mem.values()))['batch']}")
         axes[3].legend(loc="lower right")
     fig.suptitle(
         f"{res['meta']['model']} on {res['meta']['cpu']}, {res['meta']['threads']} threads ({res['meta']['date']})"

@@ -15,13 +15,14 @@ side by side with timm on any machine):
   in bf16, which was ~30% faster than autocast (no per-call weight casts, half the activation traffic) at the same
   logit error (~6e-3 relative to fp32); on CUDA it runs under bf16 autocast.
 - ``compile=True`` adds ``torch.compile`` (Inductor, with weight freezing and the C++ wrapper on CPU; fp32 Linears
-  over >= 512 rows are traced as oneDNN's fused Linear, where Inductor alone would pick MKL's SGEMM plus separate
+  over >= 512 rows (every fp32 Linear on non-Intel CPUs, where MKL is the slower one) are traced as oneDNN's fused
+  Linear, where Inductor alone would pick MKL's SGEMM plus separate
   bias, GELU and residual passes: fp32 batch 32 -8.5%, batch 1 -5.6% in a same-process A/B). One-time
   cost: ~20-30 s of compilation on 2 idle CPU cores (minutes on a busy machine) for each new input shape (batch, H,
   W) and dtype, paid inside ``optimize`` when ``example_input`` is given, else at the first call. Measured gain on
-  davit_tiny, 224x224 (``benchmarks/bench.py``, README "Speed"): batch-1 latency -20-30%, batch-32 bf16 +10-15%,
-  batch-32 fp32 +2-5%. Worth it for a server at fixed shapes; off by default on CPU because every new image size
-  recompiles. On CUDA it is on by default.
+  davit_tiny, 224x224 (``benchmarks/bench.py``, README "Speed"; an Intel Xeon with AMX / an AMD EPYC): batch-1
+  latency -20-30% / -10-16%, batch-32 bf16 +10-15% / +6%, batch-32 fp32 +2-5% / +0%. Worth it for a server at
+  fixed shapes; off by default on CPU because every new image size recompiles. On CUDA it is on by default.
 - On CPU it tunes glibc's allocator for the process (:func:`davit.allocator.tune_cpu_allocator`: freed activations
   are kept for reuse instead of being page-faulted back in; batch-32 fp32 +40% here). The process
   then keeps its memory high-water mark; ``tune_allocator=False`` or ``DAVIT_MALLOC_TUNING=0`` leaves it alone.
