@@ -184,8 +184,9 @@ _BIAS_FUSED_MAX_K = 128
 _BIAS_FUSED_MIN_ROWS = 8192
 
 
-# Weight gradients over at most this many rows (stage 4 at batch 16: 784) are faster through oneDNN on AMD (170-186
-# vs 133-157 GFLOP/s); over more rows MKL's reduction is faster (e.g. 3136 rows: 180 vs 147).
+# Weight gradients over at most this many rows (stage 4 at batch 16: 784) are as fast or faster through oneDNN on
+# the AMD EPYC (170-189 vs MKL's 133-186 GFLOP/s over two runs); over more rows MKL's reduction is faster (3136
+# rows: 179-190 vs 147-194, 12544 and 50176 rows: MKL by 1.1-3x).
 _ONEDNN_DW_MAX_ROWS = 2048
 
 
