@@ -232,13 +232,14 @@ def _traced_targets(fn, *args) -> tuple[torch.Tensor, set]:
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN only")
-@pytest.mark.parametrize("min_rows", [512, 0], ids=["mkl-fast-cpu", "onednn-fp32-cpu"])
-def test_compiled_fp32_linear_takes_onednn_with_many_rows(min_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("onednn_fp32", [False, True], ids=["mkl-fast-cpu", "onednn-fp32-cpu"])
+def test_compiled_fp32_linear_takes_onednn_with_many_rows(onednn_fp32: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     from davit.models import fused
-    from davit.models.fused import linear
+    from davit.models.fused import _COMPILED_ONEDNN_MIN_ROWS, linear
 
     # Both machine policies: Intel keeps Inductor's Linear below 512 rows, other CPUs send every Linear to oneDNN.
-    monkeypatch.setattr(fused, "_COMPILED_ONEDNN_MIN_ROWS", min_rows)
+    monkeypatch.setattr(fused, "ONEDNN_FP32", onednn_fp32)
+    min_rows = 0 if onednn_fp32 else _COMPILED_ONEDNN_MIN_ROWS
     fc1, fc2 = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
 
     def mlp(x: torch.Tensor) -> torch.Tensor:

@@ -158,7 +158,7 @@ def _onednn_linear(x: Tensor, w: Tensor, b: Tensor | None, gelu: bool, residual:
 # batch 1 -5.6% with the >= 784-row stage-1/2 Linears, +5% with all). Where MKL's fp32 GEMM is the slower one (see
 # ONEDNN_FP32) every Linear goes to oneDNN: batch 1 69.2 -> 59.0 ms on the AMD EPYC, batch 32 unchanged (all its
 # Linears have >= 512 rows). bf16 already takes Inductor's oneDNN path.
-_COMPILED_ONEDNN_MIN_ROWS = 0 if ONEDNN_FP32 else 512
+_COMPILED_ONEDNN_MIN_ROWS = 512
 
 
 def _compiled_onednn(x: Tensor, w: Tensor) -> bool:
@@ -167,7 +167,8 @@ def _compiled_onednn(x: Tensor, w: Tensor) -> bool:
         return False
     if x.dtype != torch.float32 or w.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
         return False
-    return _COMPILED_ONEDNN_MIN_ROWS == 0 or x.numel() >= _COMPILED_ONEDNN_MIN_ROWS * x.shape[-1]
+    # Read at trace time, so the one ONEDNN_FP32 switch governs training and compile alike.
+    return ONEDNN_FP32 or x.numel() >= _COMPILED_ONEDNN_MIN_ROWS * x.shape[-1]
 
 
 def _onednn_linear_2d(x: Tensor, w: Tensor, b: Tensor | None, gelu: bool, residual: Tensor | None) -> Tensor:
