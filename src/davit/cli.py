@@ -112,6 +112,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"))
+    p.add_argument("--report", default=None, metavar="DIR", help="write per_class.csv and confusion_matrix.png here")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("predict", help="class names and probabilities for image files")
@@ -126,13 +127,18 @@ def _eval(a: argparse.Namespace) -> None:
 
     m = evaluate_imagefolder(
         a.model, a.data, weights=a.weights, checkpoint=a.checkpoint, batch_size=a.batch_size, img_size=a.img_size,
-        workers=a.workers, device=a.device, amp=a.amp, optimize=not a.no_optimize,
+        workers=a.workers, device=a.device, amp=a.amp, optimize=not a.no_optimize, report_dir=a.report,
     )  # fmt: skip
     if a.json:
         print(json.dumps(m, indent=2))
         return
     print(f"{m['model']} on {m['data']} ({m['images']} images at {m['img_size']}px, {m['skipped']} unreadable skipped)")
     print(f"top1 {m['top1']:.3f}  top5 {m['top5']:.3f}  loss {m['loss']:.4f}  {m['images_per_second']:.1f} images/s")
+    if a.report:
+        from .engine.evaluate import format_per_class_table
+
+        print(format_per_class_table(m["per_class"]))
+        print(f"wrote {m['report']['per_class']} and {m['report']['confusion_matrix']}")
 
 
 def _predict(a: argparse.Namespace) -> None:
