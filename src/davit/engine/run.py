@@ -1,6 +1,6 @@
 """``davit train``: a recipe file + overrides -> the task's config -> :func:`davit.engine.fit`.
 
-The task is the recipe's top-level ``task:`` key (``cls`` | ``seg`` | ``det``), else the recipe's folder name
+The task is the recipe's top-level ``task:`` key (``cls`` | ``seg`` | ``det`` | ``med``), else the recipe's folder name
 (``configs/seg/...`` -> ``seg``), else classification. Overrides may use the full dotted key (``train.epochs=4``) or,
 when it is unambiguous, the bare field name (``epochs=4``, ``lr=5e-4``, ``batch_size=64``).
 """
@@ -24,6 +24,7 @@ TASKS: dict[str, tuple[str, str, str]] = {
     "cls": ("davit.tasks.classification", "ClsConfig", "ClassificationTask"),
     "seg": ("davit.tasks.segmentation.task", "SegConfig", "SegTask"),
     "det": ("davit.tasks.detection.task", "DetConfig", "DetTask"),
+    "med": ("davit.tasks.medical", "MedConfig", "MedicalTask"),
 }
 
 
