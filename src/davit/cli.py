@@ -157,6 +157,44 @@ def _predict(a: argparse.Namespace) -> None:
             print(f"  {q['rank']:>2}. {q['probability']:7.2%}  {q['label']}  ({q['index']})")
 
 
+# ------------------------------------------------------------------------------------------------------ explain
+def _add_explain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explain", help="attention maps and a class-activation map of an image, as PNGs")
+    p.add_argument("image")
+    p.add_argument("--model", default=None, help="zoo name, e.g. davit_tiny (optional with --checkpoint)")
+    p.add_argument("--weights", default=None, help="published tag (msft_in1k) or a checkpoint path")
+    p.add_argument("--checkpoint", default=None, help="a davit train output, e.g. runs/x/best.safetensors")
+    p.add_argument("--out", default="explain", help="output folder (default: explain/)")
+    p.add_argument(
+        "--blocks", type=int, nargs="+", default=None, help="spatial blocks to draw (default: last per stage)"
+    )
+    p.add_argument("--point", type=float, nargs=2, default=None, metavar=("Y", "X"),
+                   help="query point, fractions of the image (default: each window's mean attention)")  # fmt: skip
+    p.add_argument("--channel", type=int, default=0, help="query channel of the channel-attention picture")
+    p.add_argument("--cam-stage", type=int, default=-1, help="stage of the Grad-CAM map (default: the last)")
+    p.add_argument("--target", default=None, help="class the Grad-CAM explains, name or index (default: predicted)")
+    p.add_argument("--img-size", type=int, default=None, help="input side (default: the weights' own)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_explain)
+
+
+def _explain(a: argparse.Namespace) -> None:
+    from .explain import explain_image
+
+    r = explain_image(
+        a.image, model=a.model, weights=a.weights, checkpoint=a.checkpoint, out_dir=a.out, blocks=a.blocks,
+        point=tuple(a.point) if a.point else None, channel=a.channel, cam_stage=a.cam_stage, target=a.target,
+        img_size=a.img_size, device=a.device,
+    )  # fmt: skip
+    if a.json:
+        print(json.dumps(r, indent=2))
+        return
+    print(f"{r['image']}: {r['class']} ({r['probability']:.1%})")
+    for kind, path in r["files"].items():
+        print(f"  {kind:>8}: {path}")
+
+
 # ----------------------------------------------------------------------------------------------- segmentation (#4)
 def _add_seg(sub: argparse._SubParsersAction) -> None:
     seg = sub.add_parser("seg", help="semantic segmentation: UperNet on DaViT (ADE20K recipe)")
@@ -352,6 +390,7 @@ _REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_zoo,
     _add_train,
     _add_eval,
+    _add_explain,
     _add_seg,
     _add_det,
     _add_perf,
