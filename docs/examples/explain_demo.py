@@ -2,12 +2,13 @@
 
 Four photos scikit-image ships are the classes (cat = ``chelsea``, ``coffee``, ``rocket``, ``astronaut``); the model
 learns to name the photo a random crop comes from. Then it writes two test images: ``chelsea.png`` itself and
-``coffee_cat.png``, the coffee photo with the cat's face pasted into its right half, where a class-activation map for
-"cat" must light up the pasted face.
+``coffee_cat.png``, the coffee cup (left half) beside the cat's face (right half), where a class-activation map for
+"cat" must light up the right half and one for "coffee" the left.
 
     python docs/examples/explain_demo.py --out runs/explain_demo
     davit explain runs/explain_demo/chelsea.png --checkpoint runs/explain_demo/model.safetensors --point 0.37 0.38
     davit explain runs/explain_demo/coffee_cat.png --checkpoint runs/explain_demo/model.safetensors --target cat
+    davit explain runs/explain_demo/coffee_cat.png --checkpoint runs/explain_demo/model.safetensors
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def crops(images: list[torch.Tensor], n: int, g: torch.Generator) -> tuple[torch
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/explain_demo")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=120)
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,10 +94,10 @@ def main() -> None:
     save_safetensors(model.state_dict(), out / "model.safetensors", meta)
     cat = data.chelsea()
     Image.fromarray(cat).save(out / "chelsea.png")
-    coffee = data.coffee()  # (400, 600, 3); the cat's face (rows 20-300, cols 60-380 of chelsea) into its right half
-    face = Image.fromarray(cat[20:300, 60:380]).resize((240, 210))
-    composite = Image.fromarray(coffee)
-    composite.paste(face, (340, 150))
+    # side by side: the coffee cup (left) and the cat's face (right), each squeezed to 200x400
+    composite = Image.new("RGB", (400, 400))
+    composite.paste(Image.fromarray(data.coffee()[0:400, 100:500]).resize((200, 400)), (0, 0))
+    composite.paste(Image.fromarray(cat[0:300, 75:375]).resize((200, 400)), (200, 0))
     composite.save(out / "coffee_cat.png")
     print(f"wrote {out / 'model.safetensors'}, {out / 'chelsea.png'}, {out / 'coffee_cat.png'}")
 

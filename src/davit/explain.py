@@ -288,7 +288,7 @@ def grad_cam(
     map's channels; the weighted sum, clipped at zero, is the map. The log-probability rather than the raw logit
     (Grad-CAM's original score) because it is the evidence for the class against the others: with two classes the
     logits share a component that says nothing about the choice (on the bright-square test the raw logit's map
-    peaked on the object in 2 of 16 images, the log-probability's in 13).
+    peaked on the object in 5 of 16 images, the log-probability's in 13).
 
     Args:
         model: a DaViT classifier (``stages``, ``forward_features`` and ``forward_head``).
@@ -351,9 +351,9 @@ def _figure(n: int, size: float = 3.2):
     matplotlib.use("Agg")  # files only
     import matplotlib.pyplot as plt
 
-    cols = min(n, 4)
+    cols = min(n, 5)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows + 0.8), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     return fig, list(axes.flat), plt
