@@ -40,7 +40,9 @@ def test_cpu_fast_path_runs_a_prepacked_snapshot_and_leaves_the_model_alone(tiny
     linears = [m for m in fast._runner.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(getattr(m, "packed_weight", None) is not None for m in linears)
     assert not any(hasattr(m, "packed_weight") for m in tiny_model.modules())  # the caller's model is untouched
-    assert torch.equal(fast(x), ref)  # pre-packing changes the layout, not the arithmetic
+    # pre-packing changes the layout, not the arithmetic: bit-identical on torch 2.14; torch 2.6's oneDNN may pick
+    # another kernel for the packed layout (differences ~1e-7)
+    torch.testing.assert_close(fast(x), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_inference_fast_path_matches_the_reference(tiny_model: davit.DaViT) -> None:
