@@ -9,6 +9,7 @@ Quick use::
 
 from __future__ import annotations
 
+from . import accelerate
 from .factory import create_model
 from .models import DaViT, DaViTConfig, count_params, list_models
 from .optimize import optimize
@@ -21,6 +22,7 @@ __all__ = [
     "DaViT",
     "DaViTConfig",
     "__version__",
+    "accelerate",
     "convert_state_dict",
     "count_params",
     "create_model",

@@ -304,8 +304,10 @@ class LoopConfig:
         amp: ``none`` | ``bf16`` | ``fp16`` autocast (fp16 uses a gradient scaler).
         channels_last: NHWC memory format for the model and the images.
         grad_checkpointing: recompute activations in the backward pass to save memory.
-        memory_saving: ``none`` | ``mlp`` | ``all``: DaViT branches that store fewer activations for the backward
-            pass at a few % of speed (``DaViT.set_memory_saving``); combines with ``grad_checkpointing``.
+        accelerate: train with :mod:`davit.accelerate`'s fused kernels installed (same results to rounding, faster
+            on the CPU); ``false`` (or ``DAVIT_ACCELERATE=0``) trains the reference modules.
+        memory_saving: ``none`` | ``mlp`` | ``all``: accelerated DaViT branches that store fewer activations for the
+            backward pass at a few % of speed (``davit.accelerate.Policy``); combines with ``grad_checkpointing``.
         cpu_allocator: glibc's malloc policy on the CPU (``davit.allocator``): ``speed`` keeps freed memory for
             reuse, ``memory`` returns it to the OS (lower peak RSS, slower steps), ``system`` leaves glibc's defaults,
             ``auto`` is ``memory`` with ``grad_checkpointing`` and ``speed`` without.
@@ -328,6 +330,7 @@ class LoopConfig:
     amp: str = "none"
     channels_last: bool = False
     grad_checkpointing: bool = False
+    accelerate: bool = True
     memory_saving: str = "none"
     cpu_allocator: str = "auto"
     ema: bool = False

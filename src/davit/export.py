@@ -2,9 +2,9 @@
 ``torch.export`` program.
 
 ONNX uses the TorchScript-tracing exporter: its tracer records the model's size arithmetic (right/bottom padding to
-the patch and window sizes, window counts), so one file serves every batch size and every image size. The model takes
-its branch-free path while tracing (see ``davit.models.davit._tracing``), so images smaller than one window are exact
-too.
+the patch and window sizes, window counts), so one file serves every batch size and every image size. The reference
+model has no shape-dependent branches (it always pads and crops, zero amounts included), so images smaller than one
+window are exact too. Export always takes the reference modules: ``davit.accelerate`` is never traced.
 
 ``torch.export`` (:func:`export_program`) keeps the batch dynamic but fixes H and W to the example size. Why not
 dynamic H/W (torch 2.14): the model pads right/bottom to the patch, downsampling and window sizes, so every stage's
@@ -17,6 +17,7 @@ otherwise.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import warnings
@@ -26,6 +27,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .accelerate import installed, uninstall
 
 __all__ = ["check_onnx", "export_model", "export_onnx", "export_program"]
 
@@ -38,6 +41,9 @@ CHECK_SIZES: tuple[tuple[int, int, int], ...] = ((1, 224, 224), (2, 250, 333))
 def _classifier(model: nn.Module) -> nn.Module:
     if getattr(model, "features_only", False):
         raise ValueError("export supports classifiers; build the model with features_only=False")
+    if installed(model) is not None:  # export the portable reference, never the fused kernels
+        model = copy.deepcopy(model)
+        uninstall(model)
     return model.eval()
 
 
@@ -72,8 +78,6 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     p0 = next(model.parameters())
     if p0.device.type != "cpu" or p0.dtype != torch.float32:
-        import copy
-
         model = copy.deepcopy(model).to("cpu", torch.float32)
     x = torch.randn(1, model.cfg.in_chans, h, w)
     t0 = time.perf_counter()

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from ..accelerate import accelerate_enabled, install
 from ..allocator import tune_cpu_allocator
 from ..config import ConfigError, save_config, to_dict
 from ..weights import atomic_write
@@ -310,6 +311,17 @@ class _Run:
                 "than with glibc's defaults, steps ~20-40%% faster; train.cpu_allocator=memory trades the other way"
             )
 
+    def _accelerate(self, model: nn.Module) -> None:
+        """Install davit.accelerate's training kernels on the model (train.accelerate, train.memory_saving)."""
+        tc = self.tc
+        if tc.memory_saving != "none" and not accelerate_enabled(tc.accelerate):
+            raise ConfigError("train.memory_saving needs the accelerated modules; set train.accelerate=true")
+        n = install(model, mode="train", memory_saving=tc.memory_saving, enabled=tc.accelerate)
+        if tc.memory_saving != "none" and n == 0:
+            name = type(model).__name__
+            raise ConfigError(f"{name} has no DaViT blocks to save memory in; set train.memory_saving=none")
+        log.debug("accelerated %d DaViT modules for training", n)
+
     def _build(self) -> None:
         tc, info = self.tc, self.info
         if tc.epochs <= 0 and tc.iters <= 0:
@@ -331,12 +343,8 @@ class _Run:
                 name = type(model).__name__
                 raise ConfigError(f"{name} has no set_grad_checkpointing(); set train.grad_checkpointing=false")
             model.set_grad_checkpointing(True)
-        if tc.memory_saving != "none":
-            if not hasattr(model, "set_memory_saving"):
-                name = type(model).__name__
-                raise ConfigError(f"{name} has no set_memory_saving(); set train.memory_saving=none")
-            model.set_memory_saving(tc.memory_saving)
         model.to(self.device)
+        self._accelerate(model)
         if tc.channels_last:
             model.to(memory_format=torch.channels_last)
         self.ema = ModelEMA(model, tc.ema_decay) if tc.ema else None

@@ -71,10 +71,6 @@ class _DaViTDetector:
         """Recompute the backbone's blocks in the backward pass (the heads are cheap in memory)."""
         self.backbone.set_grad_checkpointing(enable)
 
-    def set_memory_saving(self, level: str = "none") -> None:
-        """Memory-saving DaViT blocks in the backbone (``train.memory_saving``, see ``DaViT.set_memory_saving``)."""
-        self.backbone.set_memory_saving(level)
-
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> Any:
         """torchvision's forward: the loss dict in training, one detection dict per image in eval mode."""
         device = images[0].device.type if len(images) else "cpu"
