@@ -89,8 +89,13 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 
 
 def load_config(cls: type[T], path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> T:
-    """Build ``cls`` from its defaults, an optional YAML recipe and ``key=value`` overrides."""
+    """Build ``cls`` from its defaults, an optional YAML recipe and ``key=value`` overrides.
+
+    The low-level builder under :func:`davit.engine.run.load_run_config` (which also finds packaged recipes by name
+    and picks the task); a recipe's ``task:`` key is not a field and is dropped here.
+    """
     data = read_yaml(path) if path else {}
+    data.pop("task", None)
     data = merge(data, parse_overrides(overrides))
     return from_dict(cls, data)
 
@@ -193,11 +198,12 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
-def save_config(cfg: Any, path: str | os.PathLike[str]) -> Path:
-    """Write the resolved config as YAML."""
+def save_config(cfg: Any, path: str | os.PathLike[str], task: str | None = None) -> Path:
+    """Write the resolved config as YAML (with its ``task:`` key first when given, so it is a complete recipe)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    data = {"task": task, **to_dict(cfg)} if task else to_dict(cfg)
+    p.write_text(yaml.safe_dump(data, sort_keys=False))
     return p
 
 

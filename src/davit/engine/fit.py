@@ -268,6 +268,7 @@ class _Run:
         self.out = Path(cfg.out)
         self.device = info.device
         self.p = _Progress()
+        self.task_name = _task_name(cfg)
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _setup_logging(self) -> contextlib.ExitStack:
@@ -511,7 +512,15 @@ class _Run:
                 state["ema"] = self.ema.state_dict()
             save_training_state(self.out / "last.pt", state)
             extra = self.task.weights_metadata() if hasattr(self.task, "weights_metadata") else {}  # type: ignore[attr-defined]
-            meta = weights_metadata(self.raw, self.class_names, epoch=self.p.epoch, step=self.p.step, **extra)
+            model_cfg = getattr(self.cfg, "model", None)
+            if getattr(model_cfg, "name", None):
+                extra.setdefault("model_name", model_cfg.name)
+            # The task and the whole resolved config make the file self-describing: info, eval, predict and export
+            # need nothing else (config_for_checkpoint reads them back).
+            meta = weights_metadata(
+                self.raw, self.class_names, epoch=self.p.epoch, step=self.p.step,
+                config=json.dumps(to_dict(self.cfg)), **({"task": self.task_name} if self.task_name else {}), **extra,
+            )  # fmt: skip
             save_weights(self.out / "last.safetensors", weights, meta)
             if best:
                 save_weights(self.out / "best.safetensors", weights, meta)
@@ -523,7 +532,7 @@ class _Run:
             stack.callback(torch.set_num_threads, torch.get_num_threads())
             if self.info.is_main:
                 self.out.mkdir(parents=True, exist_ok=True)
-                atomic_write(self.out / "config.yaml", lambda tmp: save_config(self.cfg, tmp))
+                atomic_write(self.out / "config.yaml", lambda tmp: save_config(self.cfg, tmp, task=self.task_name))
             if self.info.mode != "none":
                 i = self.info
                 log.info("distributed: %s, rank %d/%d on %s (%s)", i.mode, i.rank, i.world_size, i.device, i.backend)
@@ -765,6 +774,15 @@ class _ReenableGradSync(contextlib.AbstractContextManager):
 
     def __exit__(self, *exc: object) -> None:
         self.model.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+
+def _task_name(cfg: Any) -> str | None:
+    from .run import task_name
+
+    try:
+        return task_name(cfg)
+    except ConfigError:  # a custom task's config: the file records no task
+        return None
 
 
 def _batch_len(batch: Any) -> int:
