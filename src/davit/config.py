@@ -223,6 +223,8 @@ class ModelConfig:
         num_classes: classifier outputs; ``None`` keeps the weights' count (or the dataset's for classification).
         reset_head: re-initialise the classifier even when the class count matches (fine-tuning to new classes).
         overrides: any :class:`davit.DaViTConfig` field, e.g. ``{drop_path_rate: 0.2, window_size: 12}``.
+        freeze: ``""`` trains everything; ``"backbone"`` freezes the DaViT's stem and every stage (a linear probe for
+            a classifier: only the head trains); ``"N"`` freezes the stem and the first N stages (1..4).
     """
 
     name: str = "davit_tiny"
@@ -230,6 +232,12 @@ class ModelConfig:
     num_classes: int | None = None
     reset_head: bool = False
     overrides: dict = dataclasses.field(default_factory=dict)
+    freeze: str = ""
+
+    def __post_init__(self) -> None:
+        f = str(self.freeze).strip().lower()
+        if f not in ("", "none", "backbone") and not (f.isdigit() and 0 <= int(f) <= 4):
+            raise ValueError(f"model.freeze must be '', 'backbone' or a stage count 0..4, got {self.freeze!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +254,8 @@ class OptimConfig:
         no_decay_norm_bias: no weight decay on norms, biases and other 1-D parameters (and the model's
             ``no_weight_decay()`` names), as in the official recipe.
         grad_clip: clip the global gradient norm to this value (0 = off).
+        layer_decay: layer-wise lr decay for fine-tuning (BEiT/ConvNeXt style): the head keeps the lr, each DaViT
+            block below it gets ``layer_decay`` times the lr of the one above, the stem the smallest (1.0 = off).
     """
 
     name: str = "adamw"
@@ -256,8 +266,11 @@ class OptimConfig:
     eps: float = 1e-8
     no_decay_norm_bias: bool = True
     grad_clip: float = 0.0
+    layer_decay: float = 1.0
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"optim.layer_decay must be in (0, 1] (1 = off), got {self.layer_decay}")
         if self.name not in ("adamw", "sgd"):
             raise ValueError(f"optim.name must be adamw or sgd, got {self.name!r}")
         if self.lr <= 0 or self.lr_base_batch < 0 or self.weight_decay < 0 or self.grad_clip < 0:

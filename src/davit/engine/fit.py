@@ -58,7 +58,7 @@ from .distributed import (
     wrap_model,
 )
 from .ema import ModelEMA
-from .optim import build_optimizer, default_param_groups, scaled_lr
+from .optim import build_optimizer, default_param_groups, freeze, scaled_lr
 from .schedule import LRSchedule, build_schedule
 from .task import Task
 
@@ -326,6 +326,9 @@ class _Run:
         # Same seed on every rank while building: identical initial weights (FSDP shards them without a broadcast).
         _seed_all(tc.seed)
         model = self.task.build_model()
+        model_cfg = getattr(self.cfg, "model", None)
+        if getattr(model_cfg, "freeze", ""):
+            freeze(model, model_cfg.freeze)
         self.n_params = sum(p.numel() for p in model.parameters())
         if tc.grad_checkpointing:
             if not hasattr(model, "set_grad_checkpointing"):
@@ -400,7 +403,7 @@ class _Run:
         self.class_names = getattr(self.task, "class_names", None)
         log.info(
             "%s: %s params | %d train / %s val items | %d process(es) x batch %d x accum %d = global batch %d | "
-            "lr %.3g (%.3g per %d) | %d steps (%d per epoch) | device %s, amp %s",
+            "lr %.3g (%s) | %d steps (%d per epoch) | device %s, amp %s",
             type(self.raw).__name__,
             f"{self.n_params:,}",
             len(train_ds),
@@ -410,8 +413,9 @@ class _Run:
             tc.accum_steps,
             self.global_batch,
             self.lr,
-            self.cfg.optim.lr,
-            self.cfg.optim.lr_base_batch,
+            f"{self.cfg.optim.lr:.3g} per {self.cfg.optim.lr_base_batch} images"
+            if self.cfg.optim.lr_base_batch > 0
+            else "not scaled with the batch",
             self.total_steps,
             self.steps_per_epoch,
             self.device,
@@ -704,7 +708,8 @@ class _Run:
         primary = self.task.primary_metric
         improved = primary in metrics and metrics[primary] > p.best
         if improved:
-            p.best, p.best_epoch = metrics[primary], row["epoch"]
+            # iteration runs count in steps: an "epoch 18.75" would name no checkpoint a user can find
+            p.best, p.best_epoch = metrics[primary], row["epoch"] if self.tc.epochs else p.step
         # Without a validation set the latest weights are the best we know of.
         is_best = improved or self.val_loader is None
         where = f"epoch {p.epoch}/{self.tc.epochs}" if self.tc.epochs else f"step {p.step}/{self.total_steps}"
@@ -728,8 +733,8 @@ class _Run:
             {
                 "primary_metric": self.task.primary_metric,
                 f"best_{self.task.primary_metric}": p.best if p.best_epoch >= 0 else None,
-                "best_epoch": p.best_epoch if p.best_epoch >= 0 else None,
-                "epochs": p.epoch if self.tc.epochs else round(p.step / self.steps_per_epoch, 3),
+                ("best_epoch" if self.tc.epochs else "best_step"): p.best_epoch if p.best_epoch >= 0 else None,
+                **({"epochs": p.epoch} if self.tc.epochs else {}),
                 "steps": p.step,
                 "total_steps": self.total_steps,
                 "seconds": round(p.seconds, 2),
@@ -760,8 +765,9 @@ class _Run:
             log.info("summary: %s", json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))}))
             if p.best_epoch >= 0:
                 log.info(
-                    "weights: %s (%s %.4g at epoch %s), %s, full state %s",
-                    self.out / "best.safetensors", self.task.primary_metric, p.best, p.best_epoch,
+                    "weights: %s (%s %.4g at %s %s), %s, full state %s",
+                    self.out / "best.safetensors", self.task.primary_metric, p.best,
+                    "epoch" if self.tc.epochs else "step", p.best_epoch,
                     self.out / "last.safetensors", self.out / "last.pt",
                 )  # fmt: skip
         barrier()
