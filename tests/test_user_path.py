@@ -195,3 +195,24 @@ def test_freeze_backbone_or_first_stages() -> None:
         load_run_config("cls/digits", ["model.freeze=7"])
     _, cfg = load_run_config("cls/linear_probe_imagefolder")
     assert cfg.model.freeze == "backbone" and cfg.optim.lr_base_batch == 0
+
+
+def test_box_only_data_warns_mask_rcnn_and_trains_faster_rcnn(tmp_path: Path, caplog) -> None:
+    from davit.data.synthetic_det import make_synthetic_det
+    from davit.tasks.detection.task import DetTask
+
+    paths = make_synthetic_det(tmp_path / "shapes", n_train=4, n_val=2, img_size=64)
+    for key in ("train_ann", "val_ann"):  # box-only data: drop every segmentation
+        ann = json.loads(paths[key].read_text())
+        for a in ann["annotations"]:
+            a.pop("segmentation", None)
+        paths[key].write_text(json.dumps(ann))
+    items = [f"data.{k}={v}" for k, v in paths.items()]
+    _, cfg = load_run_config("det/synthetic_demo", items)
+    with caplog.at_level(logging.WARNING):
+        DetTask(cfg).build_datasets()
+    assert "detector.arch=faster_rcnn" in caplog.text
+    caplog.clear()
+    _, cfg = load_run_config("det/synthetic_demo", [*items, "detector.arch=faster_rcnn"])
+    model = DetTask(cfg).build_model()
+    assert type(model).__name__ == "DaViTFasterRCNN" and not model.roi_heads.has_mask()

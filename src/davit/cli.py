@@ -22,14 +22,14 @@ def _add_zoo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_models)
 
     p = _parser(sub, "convert", "convert any DaViT checkpoint to a safetensors file with its config")
-    p.add_argument("src")
-    p.add_argument("dst")
+    p.add_argument("src", help="the checkpoint to convert (official, timm, mmpretrain, Florence-2, ours)")
+    p.add_argument("dst", help="the .safetensors file to write")
     p.add_argument("--model", required=True, help="zoo name, e.g. davit_tiny")
     p.add_argument("--source", default="auto", help="checkpoint layout (auto: detect)")
     p.set_defaults(func=_convert)
 
     p = _parser(sub, "info", "describe a checkpoint: task, model, classes, preprocessing, params")
-    p.add_argument("file")
+    p.add_argument("file", help="any checkpoint file (a davit train output, official, timm, mmpretrain ...)")
     _json(p)
     p.set_defaults(func=_info)
 
@@ -187,15 +187,15 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = _parser(sub, "eval", "classification: top-1/top-5 on an ImageFolder with the weights' own preprocessing")
     model_args(p)
     p.add_argument("--data", required=True, help="folder with one sub-folder per class (or holding train/ and val/)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"))
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast precision")
     p.set_defaults(func=_eval)
 
     p = _parser(sub, "predict", "classification: class names and probabilities for image files")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
     model_args(p)
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=int, default=5, help="classes listed per image")
     p.set_defaults(func=_predict)
 
 
@@ -254,7 +254,7 @@ def _dense_common(dsub: argparse._SubParsersAction, task: str, word: str) -> Non
     p.set_defaults(func=_seg_eval if task == "seg" else _det_eval)
 
     p = _parser(dsub, "predict", "write a drawing (and for seg a mask PNG) per image")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--checkpoint", required=True, help="a run's best.safetensors (it records its config)")
     p.add_argument("--config", default=None, help="recipe name or YAML (default: the one recorded in the checkpoint)")
     p.add_argument("--out", default="predictions", help="output folder")
@@ -272,11 +272,11 @@ def _add_seg(sub: argparse._SubParsersAction) -> None:
     ss = seg.add_subparsers(dest="seg_command", required=True)
     _dense_common(ss, "seg", "segmentation")
     p = _parser(ss, "make-synthetic", "write a synthetic shapes dataset in the ADE20K layout")
-    p.add_argument("root")
+    p.add_argument("root", help="the folder to write (ADE20K layout)")
     p.add_argument("--n", type=int, default=64, help="training images")
     p.add_argument("--n-val", type=int, default=16, help="validation images")
     p.add_argument("--size", type=int, default=96, help="image side")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the drawing")
     p.set_defaults(func=_seg_make_synthetic)
 
 
@@ -322,11 +322,11 @@ def _add_det(sub: argparse._SubParsersAction) -> None:
     dsub = det.add_subparsers(dest="det_command", required=True)
     _dense_common(dsub, "det", "detection")
     p = _parser(dsub, "make-synthetic", "write a COCO-format shapes dataset (squares, discs, triangles)")
-    p.add_argument("dir")
+    p.add_argument("dir", help="the folder to write (COCO layout)")
     p.add_argument("--n", type=int, default=64, help="training images")
     p.add_argument("--n-val", type=int, default=16, help="validation images")
     p.add_argument("--size", type=int, default=160, help="image side")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the drawing")
     p.set_defaults(func=_det_make_synthetic)
 
 
@@ -365,7 +365,7 @@ def _add_perf(sub: argparse._SubParsersAction) -> None:
         "package).\n\n  davit benchmark --quick --out bench/\n  davit benchmark --model davit_small -- --skip train",
     )  # fmt: skip
     p.add_argument("--quick", action="store_true", help="inference sections only at small batches (a few minutes)")
-    p.add_argument("--model", default="davit_tiny")
+    p.add_argument("--model", default="davit_tiny", help="davit_tiny | davit_small | davit_base")
     p.add_argument("--out", default="runs/benchmark", help="folder for the JSON and PNG")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="more options, e.g. -- --skip train,hires")
     p.set_defaults(func=_benchmark)
@@ -381,7 +381,7 @@ def _add_perf(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="zoo name (not needed when the checkpoint records it)")
     p.add_argument("--weights", default=None, help="published weight tag, or 'true' for the default weights")
     p.add_argument("--random-weights", action="store_true", help="export a randomly initialised model on purpose")
-    p.add_argument("--format", default="onnx", choices=["onnx", "torch_export"])
+    p.add_argument("--format", default="onnx", choices=["onnx", "torch_export"], help="file format")
     p.add_argument("--img-size", type=int, default=None, help="example image side traced (default: the weights')")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset")
     _json(p)
@@ -464,7 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"davit {args.command}: error: {msg}", file=sys.stderr)
+        sub = getattr(args, "seg_command", None) or getattr(args, "det_command", None)
+        print(f"davit {args.command}{' ' + sub if sub else ''}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"davit {args.command}: interrupted", file=sys.stderr)

@@ -100,7 +100,7 @@ def export_onnx(
             # A fixed-size graph through the dynamo exporter: it resolves the pyramid pooling's sizes statically.
             torch.onnx.export(
                 model, (x,), str(path), input_names=["images"], output_names=["logits"], opset_version=opset,
-                dynamo=True, verbose=False,
+                dynamo=True, verbose=False, external_data=False,
             )  # fmt: skip
     out: dict[str, Any] = {"path": str(path), "opset": opset, "seconds": round(time.perf_counter() - t0, 2)}
     if check_sizes:

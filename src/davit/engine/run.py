@@ -87,7 +87,9 @@ def find_recipe(config: str | os.PathLike[str]) -> Path:
     names = [r["name"] for r in list_recipes()]
     close = difflib.get_close_matches(text.removesuffix(".yaml"), names, n=3, cutoff=0.4)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise ConfigError(f"config {config!s} is neither a file nor a packaged recipe{hint} (`davit recipes` lists them)")
+    raise ConfigError(
+        f"config file not found: {config!s} is neither a file nor a packaged recipe{hint} (`davit recipes` lists them)"
+    )
 
 
 def list_recipes() -> list[dict[str, str]]:
@@ -202,7 +204,7 @@ def config_for_checkpoint(
     """
     path = Path(checkpoint).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     if task is not None:
         check_task(path, task)
     if config is not None:

@@ -94,7 +94,7 @@ class DetectorConfig:
     """The detector on top of the DaViT backbone (torchvision's heads; defaults are the official values).
 
     Attributes:
-        arch: ``mask_rcnn`` or ``retinanet``.
+        arch: ``mask_rcnn``, ``faster_rcnn`` (boxes only: data without masks) or ``retinanet``.
         fpn_channels: FPN width.
         representation_size: R-CNN box-head FC width.
         mask_channels: Mask R-CNN mask-head width.
@@ -201,6 +201,11 @@ class DetTask:
                 d.train_images, d.train_ann, train=True, with_masks=self.with_masks, transforms=tf,
                 verify_images=d.verify_images,
             )  # fmt: skip
+            if self.with_masks and not any("segmentation" in a for r in train.records for a in r.anns):
+                log.warning(
+                    "%s has no segmentation in any annotation: Mask R-CNN would learn box-shaped masks. For box-only "
+                    "data use detector.arch=faster_rcnn (or retinanet)", d.train_ann,
+                )  # fmt: skip
             val = None
             if d.val_ann and not d.val_images:
                 raise ConfigError("data.val_ann is set but data.val_images is not: give the validation image folder")
@@ -299,7 +304,7 @@ def load_detector(
 
 
 def _classes_in_state(state: dict[str, Tensor], arch: str) -> int:
-    if arch == "mask_rcnn":
+    if arch in ("mask_rcnn", "faster_rcnn"):
         key = "roi_heads.box_predictor.cls_score.bias"
         if key in state:
             return int(state[key].shape[0]) - 1
