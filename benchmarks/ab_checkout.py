@@ -86,8 +86,8 @@ def _run(src: str, workload: str, reps: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--a", required=True, help="source folder A (holding the davit package)")
-    ap.add_argument("--b", required=True, help="source folder B")
+    ap.add_argument("--a", help="source folder A (holding the davit package)")
+    ap.add_argument("--b", help="source folder B")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per process (median)")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
@@ -96,6 +96,8 @@ def main() -> None:
     if args._worker:
         _worker(args._worker, args.reps)
         return
+    if not args.a or not args.b:
+        ap.error("give both --a and --b (source folders holding the davit package)")
     loads = args.workloads.split(",")
     res: dict[str, dict[str, list[float]]] = {w: {"a": [], "b": []} for w in loads}
     for r in range(args.rounds):
