@@ -190,6 +190,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast precision")
+    p.add_argument(
+        "--report", default=None, metavar="DIR", help="also write per_class.csv and confusion_matrix.png here"
+    )
     p.set_defaults(func=_eval, cpu_allocator="speed")
 
     p = _parser(sub, "predict", "classification: class names and probabilities for image files")
@@ -204,13 +207,18 @@ def _eval(a: argparse.Namespace) -> None:
 
     m = evaluate_imagefolder(
         a.model, a.data, weights=a.weights, checkpoint=a.checkpoint, batch_size=a.batch_size, img_size=a.img_size,
-        workers=a.workers, device=a.device, amp=a.amp, optimize=not a.no_optimize,
+        workers=a.workers, device=a.device, amp=a.amp, optimize=not a.no_optimize, report_dir=a.report,
     )  # fmt: skip
 
     def text() -> None:
         print(f"{m['model']} on {m['data']} ({m['images']} images at {m['img_size']}px, {m['skipped']} unreadable "
               f"skipped)\ntop1 {m['top1']:.3f}  top5 {m['top5']:.3f}  loss {m['loss']:.4f}  "
               f"{m['images_per_second']:.1f} images/s")  # fmt: skip
+        if a.report:
+            from .engine.evaluate import format_per_class_table
+
+            print(format_per_class_table(m["per_class"]))
+            print(f"wrote {m['report']['per_class']} and {m['report']['confusion_matrix']}")
 
     _emit(a, m, text)
 
@@ -230,6 +238,45 @@ def _predict(a: argparse.Namespace) -> None:
                 print(f"  {q['rank']:>2}. {q['probability']:7.2%}  {q['label']}  ({q['index']})")
 
     _emit(a, results, text)
+
+
+# ------------------------------------------------------------------------------------------------------ explain
+def _add_explain(sub: argparse._SubParsersAction) -> None:
+    p = _parser(sub, "explain", "attention maps and a class-activation map of an image, as PNGs")
+    p.add_argument("image", help="an image file")
+    p.add_argument("--model", default=None, help="zoo name, e.g. davit_tiny (optional with --checkpoint)")
+    p.add_argument("--weights", default=None, help="published tag (msft_in1k) or a checkpoint path")
+    p.add_argument("--checkpoint", default=None, help="a davit train output, e.g. runs/x/best.safetensors")
+    p.add_argument("--out", default="explain", help="output folder (default: explain/)")
+    p.add_argument(
+        "--blocks", type=int, nargs="+", default=None, help="spatial blocks to draw (default: last per stage)"
+    )
+    p.add_argument("--point", type=float, nargs=2, default=None, metavar=("Y", "X"),
+                   help="query point, fractions of the image (default: each window's mean attention)")  # fmt: skip
+    p.add_argument("--channel", type=int, default=0, help="query channel of the channel-attention picture")
+    p.add_argument("--cam-stage", type=int, default=-1, help="stage of the Grad-CAM map (default: the last)")
+    p.add_argument("--target", default=None, help="class the Grad-CAM explains, name or index (default: predicted)")
+    p.add_argument("--img-size", type=int, default=None, help="input side (default: the weights' own)")
+    _device(p)
+    _json(p)
+    p.set_defaults(func=_explain)
+
+
+def _explain(a: argparse.Namespace) -> None:
+    from .explain import explain_image
+
+    r = explain_image(
+        a.image, model=a.model, weights=a.weights, checkpoint=a.checkpoint, out_dir=a.out, blocks=a.blocks,
+        point=tuple(a.point) if a.point else None, channel=a.channel, cam_stage=a.cam_stage, target=a.target,
+        img_size=a.img_size, device=a.device,
+    )  # fmt: skip
+
+    def text() -> None:
+        print(f"{r['image']}: {r['class']} ({r['probability']:.1%})")
+        for kind, path in r["files"].items():
+            print(f"  {kind:>8}: {path}")
+
+    _emit(a, r, text)
 
 
 # ------------------------------------------------------------------------------- dense tasks: seg and det (#4)
@@ -426,6 +473,7 @@ _REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_zoo,
     _add_train,
     _add_eval,
+    _add_explain,
     _add_seg,
     _add_det,
     _add_perf,

@@ -44,6 +44,9 @@ def create_model(
         device: where to build; ``"meta"`` allocates nothing (weights cannot be loaded there).
         dtype: parameter dtype.
         **overrides: any :class:`davit.DaViTConfig` field (``drop_path_rate=0.2``, ``window_size=12``, ...).
+            ``in_chans=1`` (or any count) with RGB weights adapts the stem: for one channel its kernels are summed
+            over R, G and B (a grey image then gives the response an RGB image of the same grey gives); for other
+            counts the RGB kernels repeat, scaled by 3 / in_chans (timm's ``adapt_input_conv``).
 
     Returns:
         The model (in train mode, as every ``nn.Module``). ``model.pretrained_cfg`` holds its preprocessing and
@@ -77,6 +80,8 @@ def create_model(
             state = load_state(info.fetch(), info.source)
     if overrides:
         cfg = cfg.replace(**overrides)
+    if state is not None:
+        _adapt_input_channels(state, cfg.in_chans)
     ckpt_classes = _num_classes(state) if state is not None else None
     if num_classes is not None:
         cfg = cfg.replace(num_classes=num_classes)
@@ -114,7 +119,7 @@ def _check_file_fits(path: Path, model_name: str, meta: dict[str, Any]) -> None:
     from .weights import CheckpointError
 
     task = meta.get("task", "cls")
-    if task != "cls":
+    if task not in ("cls", "med"):  # a medical run's weights are a plain DaViT classifier
         word = {"seg": "segmentation", "det": "detection"}.get(str(task), str(task))
         raise CheckpointError(
             f"{path} holds a {word} model, not a classifier: use `davit {task} predict --checkpoint {path}` "
@@ -170,3 +175,20 @@ def _config_from_file(meta: dict[str, Any], default: DaViTConfig) -> DaViTConfig
     d = dict(d)
     d.pop("num_classes", None)
     return default.replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def _adapt_input_channels(state: dict[str, torch.Tensor], in_chans: int) -> None:
+    """Give the checkpoint's stem conv ``in_chans`` input channels (in place; a no-op when they already match)."""
+    w = state.get("stem.conv.weight")
+    if w is None or w.ndim != 4 or w.shape[1] == in_chans:
+        return
+    if w.shape[1] != 3:
+        raise ValueError(
+            f"the checkpoint's stem takes {w.shape[1]} channels and the model {in_chans}: only RGB (3-channel) "
+            "weights can be adapted"
+        )
+    if in_chans == 1:
+        state["stem.conv.weight"] = w.sum(dim=1, keepdim=True)
+    else:
+        reps = -(-in_chans // 3)
+        state["stem.conv.weight"] = w.repeat(1, reps, 1, 1)[:, :in_chans] * (3.0 / in_chans)
