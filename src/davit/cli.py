@@ -82,14 +82,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _train(a: argparse.Namespace) -> int:
     import os
 
-    from .engine import NonFiniteLossError
     from .engine.run import train_from_config
 
-    try:
-        summary = train_from_config(a.config, a.overrides, out=a.out, resume=a.resume)
-    except NonFiniteLossError as e:
-        print(f"davit train: error: {e}", file=sys.stderr)
-        return 3
+    summary = train_from_config(a.config, a.overrides, out=a.out, resume=a.resume)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps({k: v for k, v in summary.items() if k != "examples"}, indent=2))
     return 130 if summary.get("interrupted") else 0
@@ -190,13 +185,23 @@ def _add_seg(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_seg_make_synthetic)
 
 
-def _seg_train(a: argparse.Namespace) -> None:
+def _seg_train(a: argparse.Namespace) -> int:
     from .tasks.segmentation import load_seg_config, train_segmentation
 
+    overrides = list(a.overrides)
+    if a.resume and "=" in a.resume:  # `--resume data.root=D`: an override, not the resume path
+        overrides.insert(0, a.resume)
+        a.resume = "auto"
     extra = ([f"out={a.out}"] if a.out else []) + ([f"resume={a.resume}"] if a.resume else [])
-    summary = train_segmentation(load_seg_config(a.config, [*a.overrides, *extra]))
+    summary = train_segmentation(load_seg_config(a.config, [*overrides, *extra]))
+    if summary.get("interrupted"):
+        print(f"stopped at step {summary['steps']}/{summary['total_steps']} ({summary.get('stopped_by')}); state "
+              f"saved in {summary['out']}; resume with: davit seg train --config {summary['out']}/config.yaml "
+              f"--out {summary['out']} --resume", file=sys.stderr)  # fmt: skip
+        return 130
     print(f"mIoU {summary.get('miou', float('nan')):.2f} (best {summary.get('best_miou') or 0:.2f}) in "
           f"{summary['seconds']:.0f} s; outputs in {summary['out']}")  # fmt: skip
+    return 0
 
 
 def _seg_eval(a: argparse.Namespace) -> None:
@@ -366,16 +371,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``davit`` console script."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    from .config import ConfigError
-    from .weights import CheckpointError
+    from .engine.fit import NonFiniteLossError
+    from .errors import UserError, user_message
 
     try:
         rc = args.func(args)
-    except (CheckpointError, ConfigError, FileNotFoundError, NotADirectoryError, KeyError, ValueError) as e:
+    except NonFiniteLossError as e:  # a diverged run: its own exit status, so schedulers can tell it apart
+        if args.verbose:
+            raise
+        print(f"davit {args.command}: error: {e}", file=sys.stderr)
+        return 3
+    except (UserError, FileNotFoundError, NotADirectoryError, KeyError, ValueError) as e:
         if args.verbose:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"davit {args.command}: error: {msg}", file=sys.stderr)
+        # One line, whatever the raiser did (a DataLoader worker wraps its error in the worker's traceback).
+        print(f"davit {args.command}: error: {' '.join(user_message(str(msg)).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"davit {args.command}: interrupted", file=sys.stderr)

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .errors import UserError
 from .models import DaViT, DaViTConfig, get_config
-from .weights import WeightInfo, load_checkpoint, load_state, read_safetensors_metadata, resolve_pretrained
+from .weights import (
+    CheckpointError,
+    WeightInfo,
+    davit_config_of,
+    load_checkpoint,
+    load_state,
+    read_safetensors_metadata,
+    resolve_pretrained,
+)
 
 __all__ = ["create_model"]
 
@@ -67,6 +76,13 @@ def create_model(
             cfg = cfg.replace(**info.cfg_overrides)
             state = load_state(info.fetch(), info.source)
     if overrides:
+        fields = {f.name for f in dataclasses.fields(cfg)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise UserError(
+                f"unknown DaViT config field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} (in model "
+                f"overrides); valid fields: {', '.join(sorted(fields))}"
+            )
         cfg = cfg.replace(**overrides)
     ckpt_classes = _num_classes(state) if state is not None else None
     if num_classes is not None:
@@ -87,9 +103,14 @@ def _num_classes(state: dict[str, torch.Tensor]) -> int:
 
 def _config_from_file(path: Path, default: DaViTConfig) -> DaViTConfig:
     """Our own safetensors files carry their config; use its architecture fields (class count comes from tensors)."""
-    meta = read_safetensors_metadata(path)
-    if "davit_config" not in meta:
+    d = davit_config_of(read_safetensors_metadata(path), path)
+    if d is None:
         return default
-    d = json.loads(meta["davit_config"])
     d.pop("num_classes", None)
-    return default.replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    try:
+        return default.replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"{path}: its davit_config metadata does not describe a DaViT ({e}); the header is corrupt or from another "
+            "version: re-save the file"
+        ) from e

@@ -30,6 +30,7 @@ from davit.config import (
 )
 from davit.data.coco import CocoDetection, build_det_transforms, detection_collate
 from davit.weights import CheckpointError, read_checkpoint, read_safetensors_metadata
+from davit.weights.load import check_weights
 
 from .evaluate import coco_evaluate, run_detector
 from .models import ARCHS, build_detector
@@ -156,6 +157,7 @@ class DetTask:
     """
 
     primary_metric = "bbox_ap"
+    cli_command = "davit det train"
 
     def __init__(self, cfg: DetConfig) -> None:
         self.cfg = cfg
@@ -221,6 +223,13 @@ class DetTask:
                 raise ConfigError(
                     f"model.num_classes={n} but {d.train_ann} has {len(train.cat_ids)} categories; leave "
                     "model.num_classes unset (null) to take the dataset's"
+                )
+            if self.with_masks and not train.has_masks:
+                log.warning(
+                    "%s has boxes but no 'segmentation' masks: Mask R-CNN would learn box-shaped stand-in masks and "
+                    "its mask AP would mean nothing. Train a box-only detector instead (detector.arch=retinanet; a "
+                    "box-only Faster R-CNN where available)",
+                    d.train_ann,
                 )
             self._datasets = (train, val)
             self.class_names = list(train.classes)
@@ -296,13 +305,17 @@ def load_detector(
     # The backbone weights come from the checkpoint: never fetch the pretrained ones again.
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained="", num_classes=num_classes))
     model = DetTask(cfg).build_model()
+    check_weights(state, str(checkpoint), model.state_dict())
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
             f"{checkpoint} does not fit a {cfg.detector.arch} on {cfg.model.name}: {len(missing)} missing (e.g. "
             f"{missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); pass the config it was trained with"
         )
-    return model.to(device).eval(), cfg, list(names or [f"class {i + 1}" for i in range(num_classes)])
+    from davit.engine.evaluate import check_device
+
+    model = model.to(check_device(device)).eval()
+    return model, cfg, list(names or [f"class {i + 1}" for i in range(num_classes)])
 
 
 def _classes_in_state(state: dict[str, Tensor], arch: str) -> int:

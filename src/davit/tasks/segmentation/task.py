@@ -211,6 +211,7 @@ class SegTask:
     """The segmentation task for :func:`davit.engine.fit` (see :class:`davit.engine.task.Task`)."""
 
     primary_metric = "miou"
+    cli_command = "davit seg train"
 
     def __init__(self, cfg: SegConfig) -> None:
         self.cfg = cfg
