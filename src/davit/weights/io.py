@@ -184,8 +184,9 @@ def atomic_write(path: str | os.PathLike[str], write: Any, size_hint: int | None
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())
         write(tmp)
+        # mkstemp makes 0600 files (and some writers re-create the file): give the file open()'s mode
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dst)
