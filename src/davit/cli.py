@@ -141,14 +141,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _train(a: argparse.Namespace) -> int:
     import os
 
-    from .engine import NonFiniteLossError
     from .engine.run import train_from_config
 
-    try:
-        summary = train_from_config(a.config, a.overrides, out=a.out, resume=a.resume, device=a.device, task=a.task)
-    except NonFiniteLossError as e:
-        print(f"davit train: error: {e}", file=sys.stderr)
-        return 3
+    summary = train_from_config(a.config, a.overrides, out=a.out, resume=a.resume, device=a.device, task=a.task)
     if os.environ.get("RANK", "0") == "0":
         if a.json:
             print(json.dumps({k: v for k, v in summary.items() if k != "examples"}, indent=2))
@@ -503,8 +498,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``davit`` console script."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    from .config import ConfigError
-    from .weights import CheckpointError
+    from .engine.fit import NonFiniteLossError
+    from .errors import UserError, user_message
 
     if getattr(args, "cpu_allocator", None):
         # The launcher's process-wide choice (inference keeps freed activations for reuse: batch-32 fp32 +40% here);
@@ -514,12 +509,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         tune_cpu_allocator(args.cpu_allocator)
     try:
         rc = args.func(args)
-    except (CheckpointError, ConfigError, FileNotFoundError, NotADirectoryError, KeyError, ValueError) as e:
+    except NonFiniteLossError as e:  # a diverged run: its own exit status, so schedulers can tell it apart
+        if args.verbose:
+            raise
+        print(f"davit {args.command}: error: {e}", file=sys.stderr)
+        return 3
+    except (UserError, FileNotFoundError, NotADirectoryError, KeyError, ValueError) as e:
         if args.verbose:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        # One line, whatever the raiser did (a DataLoader worker wraps its error in the worker's traceback).
         sub = getattr(args, "seg_command", None) or getattr(args, "det_command", None)
-        print(f"davit {args.command}{' ' + sub if sub else ''}: error: {msg}", file=sys.stderr)
+        line = " ".join(user_message(str(msg)).split())
+        print(f"davit {args.command}{' ' + sub if sub else ''}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"davit {args.command}: interrupted", file=sys.stderr)

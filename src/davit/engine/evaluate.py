@@ -25,6 +25,7 @@ from torch import Tensor, nn
 __all__ = [
     "LoadedClassifier",
     "autocast",
+    "check_device",
     "evaluate_classifier",
     "evaluate_imagefolder",
     "format_per_class_table",
@@ -118,14 +119,39 @@ def autocast(device: torch.device, amp: str | bool) -> contextlib.AbstractContex
 
 
 def resolve_device(device: torch.device | str | None, model: nn.Module | None = None) -> torch.device:
-    """``"auto"``/None -> the model's device, else CUDA when available, else CPU."""
+    """``"auto"``/None -> the model's device, else CUDA when available, else CPU.
+
+    Raises:
+        UserError: a device name torch does not know, or a CUDA/MPS device on a machine without one.
+    """
     if device is not None and str(device) != "auto":
-        return torch.device(device)
+        return check_device(device)
     if model is not None:
         p = next(iter(model.parameters()), None)
         if p is not None and device is None:
             return p.device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_device(device: torch.device | str) -> torch.device:
+    """``device`` as a ``torch.device`` that exists on this machine, or a :class:`UserError` saying which do."""
+    from ..errors import UserError
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UserError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N (e.g. --device cpu)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device} asked for but this machine has no usable CUDA GPU; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise UserError(f"device {device} does not exist: this machine has {n} GPU(s), cuda:0..cuda:{n - 1}")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UserError(f"device {device} asked for but MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps", "xpu", "meta"):
+        raise UserError(f"device {device} is not supported by davit; use auto, cpu, cuda or cuda:N")
+    return dev
 
 
 # ------------------------------------------------------------------------------------------------ loading a model
@@ -328,7 +354,7 @@ def evaluate_imagefolder(
     """
     from torch.utils.data import DataLoader
 
-    from ..data.classification import ImageFolderDataset, scan_image_folder, skipped_images
+    from ..data.classification import ImageFolderDataset, collate_readable, scan_image_folder, skipped_images
 
     root = Path(root).expanduser()
     if not root.exists():
@@ -347,9 +373,13 @@ def evaluate_imagefolder(
             "a checkpoint that records its class names"
         )
     tf = loaded.transform(img_size)
-    ds = ImageFolderDataset(root, tf, class_names=loaded.class_names if by_name else None)
+    # Unreadable files are dropped, not replaced by a neighbour (which training does): each readable image counts once.
+    ds = ImageFolderDataset(root, tf, class_names=loaded.class_names if by_name else None, substitute_unreadable=False)
     dev = resolve_device(device)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=dev.type == "cuda")
+    loader = DataLoader(
+        ds, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=dev.type == "cuda",
+        collate_fn=collate_readable,
+    )  # fmt: skip
     side = img_size or int(loaded.preprocessing["img_size"])
     example = torch.zeros(1, 3, side, side, device=dev)
     net = maybe_optimize(loaded.model, example, enabled=optimize)
@@ -368,13 +398,14 @@ def _progress(loader: Iterable[Any], total_images: int) -> Iterator[Any]:
     """A tqdm bar over the loader when stderr is a terminal."""
     import sys
 
+    batches = (b for b in loader if b is not None)  # None: a batch of unreadable images only
     if not sys.stderr.isatty():
-        yield from loader
+        yield from batches
         return
     from tqdm import tqdm
 
     with tqdm(total=total_images, unit="img", desc="eval", leave=False) as bar:
-        for batch in loader:
+        for batch in batches:
             yield batch
             bar.update(len(batch[1]))
 

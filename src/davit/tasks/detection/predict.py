@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import ImageDraw
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_segmentation_masks
@@ -73,13 +73,9 @@ def draw_detections(
 
 
 def _read(path: Path) -> Tensor:
-    try:
-        with Image.open(path) as im:
-            return TF.pil_to_tensor(im.convert("RGB"))  # (3, H, W) uint8
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image not found: {path}") from None
-    except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+    from davit.data.image import load_rgb
+
+    return TF.pil_to_tensor(load_rgb(path))  # (3, H, W) uint8; ImageReadError names an unreadable file or a bomb
 
 
 @torch.no_grad()
