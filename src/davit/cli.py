@@ -312,13 +312,13 @@ def _add_perf(sub: argparse._SubParsersAction) -> None:
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="more bench.py options, e.g. --skip train,hires")
     p.set_defaults(func=_benchmark)
 
-    p = sub.add_parser("export", help="export a model to ONNX (dynamic batch/H/W, checked in onnxruntime)")
-    p.add_argument("out", help="output file (.onnx, or .pt2 for --format torch_export)")
+    p = sub.add_parser("export", help="export a model to ONNX or OpenVINO (dynamic batch/H/W, checked in the runtime)")
+    p.add_argument("out", help="output file (.onnx, .pt2 for --format torch_export, .xml for --format openvino)")
     p.add_argument("--model", required=True, help="zoo name, e.g. davit_tiny")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--weights", help="published weight tag, or 'true' for the default weights")
     src.add_argument("--checkpoint", help="a checkpoint file in any supported layout")
-    p.add_argument("--format", default="onnx", choices=["onnx", "torch_export"])
+    p.add_argument("--format", default="onnx", choices=["onnx", "torch_export", "openvino"])
     p.add_argument("--img-size", type=int, default=224, help="example image size traced (any size runs later)")
     p.set_defaults(func=_export)
 
@@ -371,7 +371,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         rc = args.func(args)
-    except (CheckpointError, ConfigError, FileNotFoundError, NotADirectoryError, KeyError, ValueError) as e:
+    except (
+        CheckpointError,
+        ConfigError,
+        FileNotFoundError,
+        NotADirectoryError,
+        KeyError,
+        ValueError,
+        ImportError,
+    ) as e:
         if args.verbose:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["check_onnx", "export_model", "export_onnx", "export_program"]
+__all__ = ["check_onnx", "export_model", "export_onnx", "export_openvino_ir", "export_program"]
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +165,10 @@ def export_model(
 
     Args:
         name: zoo name, e.g. ``"davit_tiny"``.
-        out: output path (``.onnx`` for ONNX, ``.pt2`` for ``torch.export``).
+        out: output path (``.onnx`` for ONNX, ``.pt2`` for ``torch.export``, ``.xml`` (+ ``.bin``) for OpenVINO).
         weights: a published weight tag, or ``"true"`` for the default weights (see ``davit.list_weights``).
         checkpoint: a checkpoint file in any supported layout (loaded safely by ``davit.create_model``).
-        fmt: ``"onnx"`` or ``"torch_export"``.
+        fmt: ``"onnx"``, ``"torch_export"`` or ``"openvino"`` (an OpenVINO IR, see :func:`export_openvino_ir`).
         img_size: the example image size.
 
     Returns:
@@ -176,8 +176,8 @@ def export_model(
     """
     from .factory import create_model
 
-    if fmt not in ("onnx", "torch_export"):
-        raise ValueError(f"unknown export format {fmt!r}; use 'onnx' or 'torch_export'")
+    if fmt not in ("onnx", "torch_export", "openvino"):
+        raise ValueError(f"unknown export format {fmt!r}; use 'onnx', 'torch_export' or 'openvino'")
     if weights and checkpoint:
         raise ValueError("give --weights or --checkpoint, not both")
     if checkpoint and not Path(checkpoint).is_file():
@@ -188,8 +188,18 @@ def export_model(
     model = create_model(name, pretrained=pretrained).eval()
     if fmt == "onnx":
         return export_onnx(model, out, img_size=img_size)
+    if fmt == "openvino":
+        return export_openvino_ir(model, out, img_size=img_size)
     t0 = time.perf_counter()
     program = export_program(model, img_size=img_size)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(program, str(out))
     return {"path": str(out), "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def export_openvino_ir(model: nn.Module, out: str | Path, *, img_size: int = 224) -> dict[str, Any]:
+    """Write ``model`` as an OpenVINO IR (``out`` must end in ``.xml``; dynamic batch, height and width), checked in
+    OpenVINO against the eager model; see :func:`davit.runtime.export_openvino`."""
+    from .runtime import export_openvino
+
+    return export_openvino(_classifier(model), out, img_size=img_size)
