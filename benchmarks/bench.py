@@ -503,9 +503,9 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     """Speed (batch --train-batch, the allocator setting) and memory (batch --mem-batch, glibc's defaults, which
     return freed memory to the OS as users' processes do), each configuration in a fresh process."""
     runs: dict[str, list[dict[str, Any]]] = {}
-    plans = [("speed", c, args.train_batch) for c in SPEED_CONFIGS] + [
-        ("memory", c, args.mem_batch) for c in MEMORY_CONFIGS
-    ]
+    plans = [("speed", c, args.train_batch) for c in SPEED_CONFIGS]
+    if "memory" not in args.skip:
+        plans += [("memory", c, args.mem_batch) for c in MEMORY_CONFIGS]
     # Configurations alternate over rounds so load spikes hit both sides.
     for rnd in range(args.train_rounds):
         for what, (impl, level, ckpt, alloc), batch in plans:
@@ -856,7 +856,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--skip",
         default="",
-        help="comma list of sections to skip: gemm,infer,onnx,openvino,compile,train,scale,alloc,hires",
+        help="comma list of sections to skip: gemm,infer,onnx,openvino,compile,train,memory,scale,alloc,hires",
     )
     p.add_argument("--no-malloc-tuning", action="store_true", help="keep glibc's default allocator settings")
     p.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
