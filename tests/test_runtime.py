@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import davit
+import davit.runtime
 from davit.export import export_model
 from davit.runtime import RuntimeModel, check_runtime, export_openvino, to_runtime
 
@@ -112,3 +113,17 @@ def test_cli_export_openvino(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     assert "NAME.xml" in capsys.readouterr().err
     with pytest.raises(ValueError, match="openvino"):
         export_model("davit_tiny", tmp_path / "x.bin", fmt="tflite")
+
+
+def test_fastest_picks_the_quicker_module() -> None:
+    import time as _time
+
+    class Slow(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            _time.sleep(0.02)
+            return x
+
+    best, med = davit.runtime.fastest({"slow": Slow(), "fast": torch.nn.Identity()}, torch.zeros(1, 3, 8, 8))
+    assert best == "fast" and med["slow"] >= 0.02 > med["fast"]
+    with pytest.raises(ValueError, match="at least one"):
+        davit.runtime.fastest({}, torch.zeros(1))

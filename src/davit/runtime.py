@@ -32,7 +32,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BACKENDS", "RuntimeModel", "export_onnx_module", "export_openvino", "to_runtime"]
+__all__ = [
+    "BACKENDS",
+    "RuntimeModel",
+    "check_runtime",
+    "export_onnx_module",
+    "export_openvino",
+    "fastest",
+    "to_runtime",
+]
 
 log = logging.getLogger(__name__)
 
@@ -353,3 +361,34 @@ def export_openvino(
                 raise ValueError(f"OpenVINO differs from the model by {err:.2e} (> {atol:.0e}) at input {b}x{hh}x{ww}")
         out["max_abs_err"] = errs
     return out
+
+
+def fastest(
+    candidates: dict[str, nn.Module], example_input: Tensor, *, rounds: int = 3
+) -> tuple[str, dict[str, float]]:
+    """Which of ``candidates`` (name -> inference module) runs ``example_input`` fastest here: each is warmed up
+    twice, then timed in ``rounds`` interleaved rounds (median), so a load spike hits all of them alike.
+
+    Cheap for the shapes it is meant for (a few calls per candidate, e.g. ~1 s for davit_tiny at batch 1); what
+    ``davit.optimize(backend="auto")`` uses to choose between torch, OpenVINO and onnxruntime for a shape.
+
+    Returns:
+        The fastest name and every candidate's median seconds per call.
+    """
+    if not candidates:
+        raise ValueError("fastest() needs at least one candidate")
+    for m in candidates.values():
+        for _ in range(2):
+            m(example_input)
+    times: dict[str, list[float]] = {k: [] for k in candidates}
+    for _ in range(max(1, rounds)):
+        for k, m in candidates.items():
+            t0 = time.perf_counter()
+            m(example_input)
+            times[k].append(time.perf_counter() - t0)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    best = min(med, key=med.__getitem__)
+    log.info(
+        "fastest for %s: %s (%s)", tuple(example_input.shape), best, {k: f"{v * 1e3:.1f} ms" for k, v in med.items()}
+    )
+    return best, med
