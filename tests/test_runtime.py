@@ -11,6 +11,7 @@ import torch
 import davit
 import davit.runtime
 from davit.export import export_model
+from davit.optimize import OptimizedModel
 from davit.runtime import RuntimeModel, check_runtime, export_openvino, to_runtime
 
 pytest.importorskip("onnxruntime")
@@ -107,9 +108,10 @@ def test_cli_export_openvino(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     from davit.cli import main
 
     out = tmp_path / "m.xml"
-    assert main(["export", str(out), "--model", "davit_tiny", "--format", "openvino", "--img-size", "64"]) == 0
+    args = ["export", "--model", "davit_tiny", "--random-weights", "--format", "openvino", "--img-size", "64"]
+    assert main([*args, "--out", str(out)]) == 0
     assert out.is_file() and out.with_suffix(".bin").is_file()
-    assert main(["export", str(tmp_path / "m.onnx"), "--model", "davit_tiny", "--format", "openvino"]) == 2
+    assert main([*args, "--out", str(tmp_path / "m.onnx")]) == 2
     assert "NAME.xml" in capsys.readouterr().err
     with pytest.raises(ValueError, match="openvino"):
         export_model("davit_tiny", tmp_path / "x.bin", fmt="tflite")
@@ -127,3 +129,17 @@ def test_fastest_picks_the_quicker_module() -> None:
     assert best == "fast" and med["slow"] >= 0.02 > med["fast"]
     with pytest.raises(ValueError, match="at least one"):
         davit.runtime.fastest({}, torch.zeros(1))
+
+
+def test_optimize_backend_choice(tiny_model: davit.DaViT, one_thread: None) -> None:
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = tiny_model(x)
+    ov_fast = davit.optimize(tiny_model, backend="openvino", example_input=x)
+    assert isinstance(ov_fast, RuntimeModel) and ov_fast.backend == "openvino"
+    auto = davit.optimize(tiny_model, backend="auto", example_input=x)
+    got = auto(x)
+    assert got.dtype == torch.float32 and _rel(got, ref) < 1e-4
+    assert isinstance(davit.optimize(tiny_model, backend="auto"), OptimizedModel)  # nothing to time: torch
+    with pytest.raises(ValueError, match="unknown backend 'tvm'"):
+        davit.optimize(tiny_model, backend="tvm")

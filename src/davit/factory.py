@@ -11,8 +11,9 @@ import torch
 
 from .models import DaViT, DaViTConfig, get_config
 from .weights import WeightInfo, load_checkpoint, load_state, read_safetensors_metadata, resolve_pretrained
+from .weights.registry import DEFAULT_TAGS, WEIGHTS
 
-__all__ = ["create_model"]
+__all__ = ["create_model", "file_metadata"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".tar", ".ckpt")
 
@@ -45,7 +46,12 @@ def create_model(
         **overrides: any :class:`davit.DaViTConfig` field (``drop_path_rate=0.2``, ``window_size=12``, ...).
 
     Returns:
-        The model (in train mode, as every ``nn.Module``). Loaded weights' metadata is on ``model.pretrained_cfg``.
+        The model (in train mode, as every ``nn.Module``). ``model.pretrained_cfg`` holds its preprocessing and
+        labels in timm's key names (``input_size``, ``crop_pct``, ``interpolation``, ``mean``, ``std``,
+        ``num_classes``, ``label_names``), from the weights (registry or file header) or the published defaults.
+
+    Raises:
+        CheckpointError: the file holds another zoo model than ``name``, or a segmentation/detection model.
     """
     model_name, _, tag = name.partition(".")
     cfg = get_config(model_name)
@@ -53,6 +59,7 @@ def create_model(
         pretrained = tag
     info: WeightInfo | None = None
     state = None
+    meta: dict[str, Any] = {}
     if pretrained is not False and pretrained is not None:
         if str(device) == "meta":
             raise ValueError("weights cannot be loaded on the meta device; build on 'cpu' (or a GPU) instead")
@@ -60,8 +67,10 @@ def create_model(
             Path(str(pretrained)).expanduser().exists() or str(pretrained).endswith(_WEIGHT_SUFFIXES)
         ):
             path = Path(str(pretrained)).expanduser()
+            meta = file_metadata(path)
+            _check_file_fits(path, model_name, meta)
             state = load_state(path)
-            cfg = _config_from_file(path, cfg)
+            cfg = _config_from_file(meta, cfg)
         else:
             info = resolve_pretrained(model_name, pretrained)
             cfg = cfg.replace(**info.cfg_overrides)
@@ -74,10 +83,78 @@ def create_model(
     elif ckpt_classes is not None:
         cfg = cfg.replace(num_classes=ckpt_classes)
     model = DaViT(cfg, features_only=features_only, out_indices=out_indices, device=device, dtype=dtype)
+    reset = num_classes is not None and num_classes != ckpt_classes
     if state is not None:
         load_checkpoint(model, state, strict=True, reset_head=num_classes is not None)
-        model.pretrained_cfg = info.metadata() if info is not None else {"file": str(pretrained)}
+    model.pretrained_cfg = _pretrained_cfg(model_name, cfg.num_classes, info, meta, pretrained, reset)
     return model
+
+
+def file_metadata(path: str | Path) -> dict[str, Any]:
+    """What a weights file records about itself (JSON values decoded): ``davit_config``, ``class_names``,
+    ``preprocessing``, ``model_name``, ``task``, ``config`` ... Empty for files that record nothing (pickles)."""
+    out: dict[str, Any] = {}
+    for k, v in read_safetensors_metadata(path).items():
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    if "model_name" not in out and isinstance(out.get("model"), str):
+        out["model_name"] = out["model"]  # `davit convert` writes the zoo name as "model"
+    if "preprocessing" not in out and isinstance(out.get("config"), dict):
+        data = out["config"].get("data") or {}
+        out["preprocessing"] = {
+            k: data[k] for k in ("img_size", "crop_pct", "interpolation", "mean", "std") if k in data
+        }
+    return out
+
+
+def _check_file_fits(path: Path, model_name: str, meta: dict[str, Any]) -> None:
+    """A file of another task or another zoo model is an error, never a silently different model."""
+    from .weights import CheckpointError
+
+    task = meta.get("task", "cls")
+    if task != "cls":
+        word = {"seg": "segmentation", "det": "detection"}.get(str(task), str(task))
+        raise CheckpointError(
+            f"{path} holds a {word} model, not a classifier: use `davit {task} predict --checkpoint {path}` "
+            f"(or davit.tasks.{'segmentation.load_seg_model' if task == 'seg' else 'detection.load_detector'})"
+        )
+    recorded = meta.get("model_name")
+    if isinstance(recorded, str) and recorded.partition(".")[0] != model_name:
+        raise CheckpointError(
+            f"{path} holds a {recorded} (its header records it), not a {model_name}: "
+            f"create_model({recorded!r}, pretrained=...)"
+        )
+
+
+def _pretrained_cfg(
+    model_name: str, num_classes: int, info: WeightInfo | None, meta: dict[str, Any], pretrained: Any, reset: bool
+) -> dict[str, Any]:
+    """timm-style ``pretrained_cfg``: preprocessing and labels from the weights (registry or file header), else the
+    published weights' preprocessing, so ``timm.data.resolve_data_config(model=m)`` answers right."""
+    from .data.transforms import pretrained_cfg
+
+    labels = None
+    if info is not None:
+        pp = {k: getattr(info, k) for k in ("img_size", "crop_pct", "interpolation", "mean", "std")}
+        extra = info.metadata()
+        if num_classes == 1000 and info.num_classes == 1000 and not reset:
+            from .data.imagenet import imagenet_class_names
+
+            labels = list(imagenet_class_names())
+    elif meta or pretrained not in (False, None):
+        pp = meta.get("preprocessing") or {}
+        extra = {"file": str(pretrained), **({"task": meta["task"]} if "task" in meta else {})}
+        names = meta.get("class_names")
+        if isinstance(names, list) and len(names) == num_classes and not reset:
+            labels = names
+    else:
+        default = DEFAULT_TAGS.get(model_name)
+        pp = {k: getattr(WEIGHTS[default], k) for k in ("img_size", "crop_pct")} if default else {}
+        extra = {}
+    extra.pop("num_classes", None)
+    return pretrained_cfg(pp, num_classes=num_classes, label_names=labels, architecture=model_name, **extra)
 
 
 def _num_classes(state: dict[str, torch.Tensor]) -> int:
@@ -85,11 +162,11 @@ def _num_classes(state: dict[str, torch.Tensor]) -> int:
     return int(fc.shape[0]) if fc is not None else 0
 
 
-def _config_from_file(path: Path, default: DaViTConfig) -> DaViTConfig:
+def _config_from_file(meta: dict[str, Any], default: DaViTConfig) -> DaViTConfig:
     """Our own safetensors files carry their config; use its architecture fields (class count comes from tensors)."""
-    meta = read_safetensors_metadata(path)
-    if "davit_config" not in meta:
+    d = meta.get("davit_config")
+    if not isinstance(d, dict):
         return default
-    d = json.loads(meta["davit_config"])
+    d = dict(d)
     d.pop("num_classes", None)
     return default.replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

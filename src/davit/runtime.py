@@ -113,12 +113,17 @@ def export_onnx_module(
 
 
 def _cpu_fp32_copy(model: nn.Module) -> nn.Module:
+    """The model to trace: float32, CPU, eval, and the portable reference (never ``davit.accelerate``'s kernels)."""
+    from .accelerate import installed, uninstall
+
     p0 = next(model.parameters())
-    if p0.device.type == "cpu" and p0.dtype == torch.float32:
+    if p0.device.type == "cpu" and p0.dtype == torch.float32 and installed(model) is None:
         return model.eval()
     import copy
 
-    return copy.deepcopy(model).to("cpu", torch.float32).eval()
+    model = copy.deepcopy(model).to("cpu", torch.float32)
+    uninstall(model)
+    return model.eval()
 
 
 def _output_names(model: nn.Module, example: Tensor) -> list[str]:

@@ -188,6 +188,9 @@ def load_classifier(
             path = Path(path).expanduser()
             if not path.exists():
                 raise FileNotFoundError(f"checkpoint not found: {path}")
+            from .run import check_task
+
+            check_task(path, "cls")
             meta = _checkpoint_metadata(path)
             if not model and "davit_config" not in meta:
                 raise ValueError(f"{path} does not record its architecture: pass --model (e.g. --model davit_tiny)")

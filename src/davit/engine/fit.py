@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from ..accelerate import accelerate_enabled, install
 from ..allocator import tune_cpu_allocator
 from ..config import ConfigError, save_config, to_dict
 from ..weights import atomic_write
@@ -58,7 +59,7 @@ from .distributed import (
     wrap_model,
 )
 from .ema import ModelEMA
-from .optim import build_optimizer, default_param_groups, scaled_lr
+from .optim import build_optimizer, default_param_groups, freeze, scaled_lr
 from .schedule import LRSchedule, build_schedule
 from .task import Task
 
@@ -268,6 +269,7 @@ class _Run:
         self.out = Path(cfg.out)
         self.device = info.device
         self.p = _Progress()
+        self.task_name = _task_name(cfg)
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _setup_logging(self) -> contextlib.ExitStack:
@@ -310,6 +312,17 @@ class _Run:
                 "than with glibc's defaults, steps ~20-40%% faster; train.cpu_allocator=memory trades the other way"
             )
 
+    def _accelerate(self, model: nn.Module) -> None:
+        """Install davit.accelerate's training kernels on the model (train.accelerate, train.memory_saving)."""
+        tc = self.tc
+        if tc.memory_saving != "none" and not accelerate_enabled(tc.accelerate):
+            raise ConfigError("train.memory_saving needs the accelerated modules; set train.accelerate=true")
+        n = install(model, mode="train", memory_saving=tc.memory_saving, enabled=tc.accelerate)
+        if tc.memory_saving != "none" and n == 0:
+            name = type(model).__name__
+            raise ConfigError(f"{name} has no DaViT blocks to save memory in; set train.memory_saving=none")
+        log.debug("accelerated %d DaViT modules for training", n)
+
     def _build(self) -> None:
         tc, info = self.tc, self.info
         if tc.epochs <= 0 and tc.iters <= 0:
@@ -325,18 +338,17 @@ class _Run:
         # Same seed on every rank while building: identical initial weights (FSDP shards them without a broadcast).
         _seed_all(tc.seed)
         model = self.task.build_model()
+        model_cfg = getattr(self.cfg, "model", None)
+        if getattr(model_cfg, "freeze", ""):
+            freeze(model, model_cfg.freeze)
         self.n_params = sum(p.numel() for p in model.parameters())
         if tc.grad_checkpointing:
             if not hasattr(model, "set_grad_checkpointing"):
                 name = type(model).__name__
                 raise ConfigError(f"{name} has no set_grad_checkpointing(); set train.grad_checkpointing=false")
             model.set_grad_checkpointing(True)
-        if tc.memory_saving != "none":
-            if not hasattr(model, "set_memory_saving"):
-                name = type(model).__name__
-                raise ConfigError(f"{name} has no set_memory_saving(); set train.memory_saving=none")
-            model.set_memory_saving(tc.memory_saving)
         model.to(self.device)
+        self._accelerate(model)
         if tc.channels_last:
             model.to(memory_format=torch.channels_last)
         self.ema = ModelEMA(model, tc.ema_decay) if tc.ema else None
@@ -399,7 +411,7 @@ class _Run:
         self.class_names = getattr(self.task, "class_names", None)
         log.info(
             "%s: %s params | %d train / %s val items | %d process(es) x batch %d x accum %d = global batch %d | "
-            "lr %.3g (%.3g per %d) | %d steps (%d per epoch) | device %s, amp %s",
+            "lr %.3g (%s) | %d steps (%d per epoch) | device %s, amp %s",
             type(self.raw).__name__,
             f"{self.n_params:,}",
             len(train_ds),
@@ -409,8 +421,9 @@ class _Run:
             tc.accum_steps,
             self.global_batch,
             self.lr,
-            self.cfg.optim.lr,
-            self.cfg.optim.lr_base_batch,
+            f"{self.cfg.optim.lr:.3g} per {self.cfg.optim.lr_base_batch} images"
+            if self.cfg.optim.lr_base_batch > 0
+            else "not scaled with the batch",
             self.total_steps,
             self.steps_per_epoch,
             self.device,
@@ -511,7 +524,15 @@ class _Run:
                 state["ema"] = self.ema.state_dict()
             save_training_state(self.out / "last.pt", state)
             extra = self.task.weights_metadata() if hasattr(self.task, "weights_metadata") else {}  # type: ignore[attr-defined]
-            meta = weights_metadata(self.raw, self.class_names, epoch=self.p.epoch, step=self.p.step, **extra)
+            model_cfg = getattr(self.cfg, "model", None)
+            if getattr(model_cfg, "name", None):
+                extra.setdefault("model_name", model_cfg.name)
+            # The task and the whole resolved config make the file self-describing: info, eval, predict and export
+            # need nothing else (config_for_checkpoint reads them back).
+            meta = weights_metadata(
+                self.raw, self.class_names, epoch=self.p.epoch, step=self.p.step,
+                config=json.dumps(to_dict(self.cfg)), **({"task": self.task_name} if self.task_name else {}), **extra,
+            )  # fmt: skip
             save_weights(self.out / "last.safetensors", weights, meta)
             if best:
                 save_weights(self.out / "best.safetensors", weights, meta)
@@ -523,7 +544,7 @@ class _Run:
             stack.callback(torch.set_num_threads, torch.get_num_threads())
             if self.info.is_main:
                 self.out.mkdir(parents=True, exist_ok=True)
-                atomic_write(self.out / "config.yaml", lambda tmp: save_config(self.cfg, tmp))
+                atomic_write(self.out / "config.yaml", lambda tmp: save_config(self.cfg, tmp, task=self.task_name))
             if self.info.mode != "none":
                 i = self.info
                 log.info("distributed: %s, rank %d/%d on %s (%s)", i.mode, i.rank, i.world_size, i.device, i.backend)
@@ -695,7 +716,8 @@ class _Run:
         primary = self.task.primary_metric
         improved = primary in metrics and metrics[primary] > p.best
         if improved:
-            p.best, p.best_epoch = metrics[primary], row["epoch"]
+            # iteration runs count in steps: an "epoch 18.75" would name no checkpoint a user can find
+            p.best, p.best_epoch = metrics[primary], row["epoch"] if self.tc.epochs else p.step
         # Without a validation set the latest weights are the best we know of.
         is_best = improved or self.val_loader is None
         where = f"epoch {p.epoch}/{self.tc.epochs}" if self.tc.epochs else f"step {p.step}/{self.total_steps}"
@@ -719,8 +741,8 @@ class _Run:
             {
                 "primary_metric": self.task.primary_metric,
                 f"best_{self.task.primary_metric}": p.best if p.best_epoch >= 0 else None,
-                "best_epoch": p.best_epoch if p.best_epoch >= 0 else None,
-                "epochs": p.epoch if self.tc.epochs else round(p.step / self.steps_per_epoch, 3),
+                ("best_epoch" if self.tc.epochs else "best_step"): p.best_epoch if p.best_epoch >= 0 else None,
+                **({"epochs": p.epoch} if self.tc.epochs else {}),
                 "steps": p.step,
                 "total_steps": self.total_steps,
                 "seconds": round(p.seconds, 2),
@@ -751,8 +773,9 @@ class _Run:
             log.info("summary: %s", json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))}))
             if p.best_epoch >= 0:
                 log.info(
-                    "weights: %s (%s %.4g at epoch %s), %s, full state %s",
-                    self.out / "best.safetensors", self.task.primary_metric, p.best, p.best_epoch,
+                    "weights: %s (%s %.4g at %s %s), %s, full state %s",
+                    self.out / "best.safetensors", self.task.primary_metric, p.best,
+                    "epoch" if self.tc.epochs else "step", p.best_epoch,
                     self.out / "last.safetensors", self.out / "last.pt",
                 )  # fmt: skip
         barrier()
@@ -765,6 +788,15 @@ class _ReenableGradSync(contextlib.AbstractContextManager):
 
     def __exit__(self, *exc: object) -> None:
         self.model.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+
+def _task_name(cfg: Any) -> str | None:
+    from .run import task_name
+
+    try:
+        return task_name(cfg)
+    except ConfigError:  # a custom task's config: the file records no task
+        return None
 
 
 def _batch_len(batch: Any) -> int:

@@ -70,9 +70,9 @@ def predict_files(
     checkpoint: str | os.PathLike[str],
     *,
     config: str | os.PathLike[str] | None = None,
-    out_dir: str | os.PathLike[str] | None = None,
+    out_dir: str | os.PathLike[str] | None = "predictions",
     score_thr: float = 0.5,
-    device: str = "cpu",
+    device: str = "auto",
     model: nn.Module | None = None,
     classes: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
@@ -83,7 +83,7 @@ def predict_files(
         checkpoint: the run's weights (``best.safetensors``); its ``config.yaml`` is read from the same folder unless
             ``config`` is given.
         config: the run's config.
-        out_dir: where to write the drawings (default: beside each image).
+        out_dir: where to write the drawings (None: beside each image).
         score_thr: keep detections scoring at least this.
         device: where to run.
         model: an already loaded detector (skips loading ``checkpoint``); then pass ``classes`` too.
