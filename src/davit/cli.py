@@ -141,14 +141,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _train(a: argparse.Namespace) -> int:
     import os
 
-    from .engine import NonFiniteLossError
     from .engine.run import train_from_config
 
-    try:
-        summary = train_from_config(a.config, a.overrides, out=a.out, resume=a.resume, device=a.device, task=a.task)
-    except NonFiniteLossError as e:
-        print(f"davit train: error: {e}", file=sys.stderr)
-        return 3
+    summary = train_from_config(a.config, a.overrides, out=a.out, resume=a.resume, device=a.device, task=a.task)
     if os.environ.get("RANK", "0") == "0":
         if a.json:
             print(json.dumps({k: v for k, v in summary.items() if k != "examples"}, indent=2))
@@ -190,6 +185,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast precision")
+    p.add_argument(
+        "--report", default=None, metavar="DIR", help="also write per_class.csv and confusion_matrix.png here"
+    )
     p.set_defaults(func=_eval, cpu_allocator="speed")
 
     p = _parser(sub, "predict", "classification: class names and probabilities for image files")
@@ -204,13 +202,18 @@ def _eval(a: argparse.Namespace) -> None:
 
     m = evaluate_imagefolder(
         a.model, a.data, weights=a.weights, checkpoint=a.checkpoint, batch_size=a.batch_size, img_size=a.img_size,
-        workers=a.workers, device=a.device, amp=a.amp, optimize=not a.no_optimize,
+        workers=a.workers, device=a.device, amp=a.amp, optimize=not a.no_optimize, report_dir=a.report,
     )  # fmt: skip
 
     def text() -> None:
         print(f"{m['model']} on {m['data']} ({m['images']} images at {m['img_size']}px, {m['skipped']} unreadable "
               f"skipped)\ntop1 {m['top1']:.3f}  top5 {m['top5']:.3f}  loss {m['loss']:.4f}  "
               f"{m['images_per_second']:.1f} images/s")  # fmt: skip
+        if a.report:
+            from .engine.evaluate import format_per_class_table
+
+            print(format_per_class_table(m["per_class"]))
+            print(f"wrote {m['report']['per_class']} and {m['report']['confusion_matrix']}")
 
     _emit(a, m, text)
 
@@ -230,6 +233,45 @@ def _predict(a: argparse.Namespace) -> None:
                 print(f"  {q['rank']:>2}. {q['probability']:7.2%}  {q['label']}  ({q['index']})")
 
     _emit(a, results, text)
+
+
+# ------------------------------------------------------------------------------------------------------ explain
+def _add_explain(sub: argparse._SubParsersAction) -> None:
+    p = _parser(sub, "explain", "attention maps and a class-activation map of an image, as PNGs")
+    p.add_argument("image", help="an image file")
+    p.add_argument("--model", default=None, help="zoo name, e.g. davit_tiny (optional with --checkpoint)")
+    p.add_argument("--weights", default=None, help="published tag (msft_in1k) or a checkpoint path")
+    p.add_argument("--checkpoint", default=None, help="a davit train output, e.g. runs/x/best.safetensors")
+    p.add_argument("--out", default="explain", help="output folder (default: explain/)")
+    p.add_argument(
+        "--blocks", type=int, nargs="+", default=None, help="spatial blocks to draw (default: last per stage)"
+    )
+    p.add_argument("--point", type=float, nargs=2, default=None, metavar=("Y", "X"),
+                   help="query point, fractions of the image (default: each window's mean attention)")  # fmt: skip
+    p.add_argument("--channel", type=int, default=0, help="query channel of the channel-attention picture")
+    p.add_argument("--cam-stage", type=int, default=-1, help="stage of the Grad-CAM map (default: the last)")
+    p.add_argument("--target", default=None, help="class the Grad-CAM explains, name or index (default: predicted)")
+    p.add_argument("--img-size", type=int, default=None, help="input side (default: the weights' own)")
+    _device(p)
+    _json(p)
+    p.set_defaults(func=_explain)
+
+
+def _explain(a: argparse.Namespace) -> None:
+    from .explain import explain_image
+
+    r = explain_image(
+        a.image, model=a.model, weights=a.weights, checkpoint=a.checkpoint, out_dir=a.out, blocks=a.blocks,
+        point=tuple(a.point) if a.point else None, channel=a.channel, cam_stage=a.cam_stage, target=a.target,
+        img_size=a.img_size, device=a.device,
+    )  # fmt: skip
+
+    def text() -> None:
+        print(f"{r['image']}: {r['class']} ({r['probability']:.1%})")
+        for kind, path in r["files"].items():
+            print(f"  {kind:>8}: {path}")
+
+    _emit(a, r, text)
 
 
 # ------------------------------------------------------------------------------- dense tasks: seg and det (#4)
@@ -428,6 +470,7 @@ _REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_zoo,
     _add_train,
     _add_eval,
+    _add_explain,
     _add_seg,
     _add_det,
     _add_perf,
@@ -457,8 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``davit`` console script."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    from .config import ConfigError
-    from .weights import CheckpointError
+    from .engine.fit import NonFiniteLossError
+    from .errors import UserError, user_message
 
     if getattr(args, "cpu_allocator", None):
         # The launcher's process-wide choice (inference keeps freed activations for reuse: batch-32 fp32 +40% here);
@@ -468,20 +511,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         tune_cpu_allocator(args.cpu_allocator)
     try:
         rc = args.func(args)
-    except (
-        CheckpointError,
-        ConfigError,
-        FileNotFoundError,
-        NotADirectoryError,
-        KeyError,
-        ValueError,
-        ImportError,
-    ) as e:
+    except NonFiniteLossError as e:  # a diverged run: its own exit status, so schedulers can tell it apart
+        if args.verbose:
+            raise
+        print(f"davit {args.command}: error: {e}", file=sys.stderr)
+        return 3
+    except (UserError, FileNotFoundError, NotADirectoryError, KeyError, ValueError, ImportError) as e:
         if args.verbose:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        # One line, whatever the raiser did (a DataLoader worker wraps its error in the worker's traceback).
         sub = getattr(args, "seg_command", None) or getattr(args, "det_command", None)
-        print(f"davit {args.command}{' ' + sub if sub else ''}: error: {msg}", file=sys.stderr)
+        line = " ".join(user_message(str(msg)).split())
+        print(f"davit {args.command}{' ' + sub if sub else ''}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"davit {args.command}: interrupted", file=sys.stderr)

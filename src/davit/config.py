@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .errors import UserError
+
 __all__ = [
     "ConfigError",
     "LoopConfig",
@@ -34,13 +36,16 @@ __all__ = [
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A recipe or override that does not fit the config schema; the message names the key and the fix."""
 
 
-def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_yaml(path: str | os.PathLike[str], _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a recipe, following ``_base_: other.yaml`` (relative to the file, a string or list) recursively."""
     p = Path(path)
+    if p.resolve() in _chain:
+        cycle = " -> ".join(str(c) for c in (*_chain, p.resolve()))
+        raise ConfigError(f"_base_ files include each other in a cycle ({cycle}); remove one of these _base_ entries")
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
@@ -52,7 +57,9 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     bases = data.pop("_base_", [])
     merged: dict[str, Any] = {}
     for base in [bases] if isinstance(bases, str) else bases:
-        merged = merge(merged, read_yaml(p.parent / base))
+        if not isinstance(base, str):
+            raise ConfigError(f"{p}: _base_ must be a file name or a list of them, not {base!r}")
+        merged = merge(merged, read_yaml(p.parent / base, (*_chain, p.resolve())))
     return merge(merged, data)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,8 +10,16 @@ from typing import Any
 
 import torch
 
+from .errors import UserError
 from .models import DaViT, DaViTConfig, get_config
-from .weights import WeightInfo, load_checkpoint, load_state, read_safetensors_metadata, resolve_pretrained
+from .weights import (
+    CheckpointError,
+    WeightInfo,
+    load_checkpoint,
+    load_state,
+    read_safetensors_metadata,
+    resolve_pretrained,
+)
 from .weights.registry import DEFAULT_TAGS, WEIGHTS
 
 __all__ = ["create_model", "file_metadata"]
@@ -44,6 +53,9 @@ def create_model(
         device: where to build; ``"meta"`` allocates nothing (weights cannot be loaded there).
         dtype: parameter dtype.
         **overrides: any :class:`davit.DaViTConfig` field (``drop_path_rate=0.2``, ``window_size=12``, ...).
+            ``in_chans=1`` (or any count) with RGB weights adapts the stem: for one channel its kernels are summed
+            over R, G and B (a grey image then gives the response an RGB image of the same grey gives); for other
+            counts the RGB kernels repeat, scaled by 3 / in_chans (timm's ``adapt_input_conv``).
 
     Returns:
         The model (in train mode, as every ``nn.Module``). ``model.pretrained_cfg`` holds its preprocessing and
@@ -70,13 +82,22 @@ def create_model(
             meta = file_metadata(path)
             _check_file_fits(path, model_name, meta)
             state = load_state(path)
-            cfg = _config_from_file(meta, cfg)
+            cfg = _config_from_file(meta, cfg, path)
         else:
             info = resolve_pretrained(model_name, pretrained)
             cfg = cfg.replace(**info.cfg_overrides)
             state = load_state(info.fetch(), info.source)
     if overrides:
+        fields = {f.name for f in dataclasses.fields(cfg)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise UserError(
+                f"unknown DaViT config field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} (in model "
+                f"overrides); valid fields: {', '.join(sorted(fields))}"
+            )
         cfg = cfg.replace(**overrides)
+    if state is not None:
+        _adapt_input_channels(state, cfg.in_chans)
     ckpt_classes = _num_classes(state) if state is not None else None
     if num_classes is not None:
         cfg = cfg.replace(num_classes=num_classes)
@@ -114,7 +135,7 @@ def _check_file_fits(path: Path, model_name: str, meta: dict[str, Any]) -> None:
     from .weights import CheckpointError
 
     task = meta.get("task", "cls")
-    if task != "cls":
+    if task not in ("cls", "med"):  # a medical run's weights are a plain DaViT classifier
         word = {"seg": "segmentation", "det": "detection"}.get(str(task), str(task))
         raise CheckpointError(
             f"{path} holds a {word} model, not a classifier: use `davit {task} predict --checkpoint {path}` "
@@ -162,11 +183,39 @@ def _num_classes(state: dict[str, torch.Tensor]) -> int:
     return int(fc.shape[0]) if fc is not None else 0
 
 
-def _config_from_file(meta: dict[str, Any], default: DaViTConfig) -> DaViTConfig:
+def _config_from_file(meta: dict[str, Any], default: DaViTConfig, path: Path) -> DaViTConfig:
     """Our own safetensors files carry their config; use its architecture fields (class count comes from tensors)."""
-    d = meta.get("davit_config")
-    if not isinstance(d, dict):
+    if "davit_config" not in meta:
         return default
+    d = meta["davit_config"]
+    if not isinstance(d, dict):
+        raise CheckpointError(
+            f"{path}: its davit_config metadata is not a JSON mapping of DaViTConfig fields ({str(d)[:60]!r}); the "
+            "header is corrupt: pass --model NAME to build the architecture yourself, or re-save the file"
+        )
     d = dict(d)
     d.pop("num_classes", None)
-    return default.replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    try:
+        return default.replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"{path}: its davit_config metadata does not describe a DaViT ({e}); the header is corrupt or from another "
+            "version: re-save the file"
+        ) from e
+
+
+def _adapt_input_channels(state: dict[str, torch.Tensor], in_chans: int) -> None:
+    """Give the checkpoint's stem conv ``in_chans`` input channels (in place; a no-op when they already match)."""
+    w = state.get("stem.conv.weight")
+    if w is None or w.ndim != 4 or w.shape[1] == in_chans:
+        return
+    if w.shape[1] != 3:
+        raise ValueError(
+            f"the checkpoint's stem takes {w.shape[1]} channels and the model {in_chans}: only RGB (3-channel) "
+            "weights can be adapted"
+        )
+    if in_chans == 1:
+        state["stem.conv.weight"] = w.sum(dim=1, keepdim=True)
+    else:
+        reps = -(-in_chans // 3)
+        state["stem.conv.weight"] = w.repeat(1, reps, 1, 1)[:, :in_chans] * (3.0 / in_chans)

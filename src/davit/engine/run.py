@@ -2,9 +2,9 @@
 
 Recipes ship inside the package (``davit/recipes/<task>/<name>.yaml``) and are found by name: ``cls/digits``,
 ``seg/synthetic_demo``, ``det/maskrcnn_davit_tiny_1x_coco`` (``davit recipes`` lists them); a path to any YAML file
-works too. The task is the recipe's top-level ``task:`` key (``cls`` | ``seg`` | ``det``), else the recipe's folder
-name (``recipes/seg/...`` -> ``seg``), else classification. Overrides may use the full dotted key (``train.epochs=4``)
-or, when it is unambiguous, the bare field name (``epochs=4``, ``lr=5e-4``, ``batch_size=64``).
+works too. The task is the recipe's top-level ``task:`` key (``cls`` | ``seg`` | ``det`` | ``med``), else the
+recipe's folder name (``recipes/seg/...`` -> ``seg``), else classification. Overrides may use the full dotted key
+(``train.epochs=4``) or, when it is unambiguous, the bare field name (``epochs=4``, ``lr=5e-4``, ``batch_size=64``).
 
 Every weights file a run writes records its task and its whole resolved config (``task`` and ``config`` in the
 safetensors header), so :func:`config_for_checkpoint` rebuilds the run's config from the file alone.
@@ -44,12 +44,13 @@ TASKS: dict[str, tuple[str, str, str]] = {
     "cls": ("davit.tasks.classification", "ClsConfig", "ClassificationTask"),
     "seg": ("davit.tasks.segmentation.task", "SegConfig", "SegTask"),
     "det": ("davit.tasks.detection.task", "DetConfig", "DetTask"),
+    "med": ("davit.tasks.medical", "MedConfig", "MedicalTask"),
 }
 
 # What a user runs with a file of each task (for "this file belongs to another command" errors).
 COMMANDS = {"cls": "davit eval / davit predict", "seg": "davit seg eval / davit seg predict",
-            "det": "davit det eval / davit det predict"}  # fmt: skip
-TASK_WORDS = {"cls": "classification", "seg": "segmentation", "det": "detection"}
+            "det": "davit det eval / davit det predict", "med": "davit.tasks.medical.evaluate_medmnist"}  # fmt: skip
+TASK_WORDS = {"cls": "classification", "seg": "segmentation", "det": "detection", "med": "medical classification"}
 
 
 def _task_classes(name: str) -> tuple[type, type]:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..models import DaViT, DaViTConfig, count_params, get_config
 from .inspect import infer_architecture
-from .io import read_safetensors_metadata, save_safetensors
+from .io import CheckpointError, davit_config_of, read_safetensors_metadata, save_safetensors
 from .load import load_checkpoint, load_state
 
 __all__ = ["convert_file", "describe_file", "infer_architecture"]
@@ -74,10 +74,14 @@ def describe_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     for key in ("class_names", "preprocessing"):
         if key in meta:
             info[key] = json.loads(meta[key])
-    if "davit_config" in meta:
-        info["config"] = DaViTConfig.from_dict(
-            {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(meta["davit_config"]).items()}
-        ).to_dict()
+    cfg = davit_config_of(meta, path)
+    if cfg is not None:
+        try:
+            info["config"] = DaViTConfig.from_dict(
+                {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+            ).to_dict()
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: its davit_config metadata does not describe a DaViT ({e})") from e
     return info
 
 

@@ -26,6 +26,7 @@ from davit.config import (
 )
 from davit.data.coco import CocoDetection, build_det_transforms, detection_collate
 from davit.weights import CheckpointError, read_checkpoint, read_safetensors_metadata
+from davit.weights.load import check_weights
 
 from .evaluate import coco_evaluate, run_detector
 from .models import ARCHS, build_detector
@@ -223,6 +224,13 @@ class DetTask:
                     f"model.num_classes={n} but {d.train_ann} has {len(train.cat_ids)} categories; leave "
                     "model.num_classes unset (null) to take the dataset's"
                 )
+            if self.with_masks and not train.has_masks:
+                log.warning(
+                    "%s has boxes but no 'segmentation' masks: Mask R-CNN would learn box-shaped stand-in masks and "
+                    "its mask AP would mean nothing. Train a box-only detector instead (detector.arch=retinanet; a "
+                    "box-only Faster R-CNN where available)",
+                    d.train_ann,
+                )
             self._datasets = (train, val)
             self.class_names = list(train.classes)
         return self._datasets
@@ -292,6 +300,7 @@ def load_detector(
     # The backbone weights come from the checkpoint: never fetch the pretrained ones again.
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained="", num_classes=num_classes))
     model = DetTask(cfg).build_model()
+    check_weights(state, str(checkpoint), model.state_dict())
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(

@@ -472,7 +472,7 @@ def predict_segmentation(
     aug: bool = False,
     device: str | torch.device = "auto",
 ) -> list[dict[str, Any]]:
-    """Segment image files; writes ``<stem>_mask.png`` (class indices) and ``<stem>_overlay.png`` per image.
+    """Segment image files; writes ``<stem>_mask.png`` (palette PNG of class indices) and ``<stem>_overlay.png``.
 
     Args:
         images: image files.
@@ -500,7 +500,7 @@ def predict_segmentation(
         probs = infer_probs(model, x.to(dev)[None], **_infer_kwargs(ev))  # (1, K, H, W)
         mask = probs[0].argmax(0).cpu().numpy().astype(np.int64)
         stem = Path(path).stem
-        mask_path, overlay_path = write_prediction(img.permute(1, 2, 0).numpy(), mask, out_dir, stem, colours)
+        mask_path, overlay_path = write_prediction(img.permute(1, 2, 0).numpy(), mask, out_dir, stem, colours, names)
         ids, counts = np.unique(mask, return_counts=True)
         share = {names[i]: round(100 * c / mask.size, 2) for i, c in zip(ids.tolist(), counts.tolist())}
         results.append({"image": str(path), "mask": str(mask_path), "overlay": str(overlay_path), "classes": share})
