@@ -1,0 +1,200 @@
+"""Hugging Face ``datasets`` folders and webdataset shards as training data: reading, corrupt samples, order, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import signal
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from davit.data import ClsDataConfig, build_classification_datasets
+from davit.data.sources import WebDatasetShards
+from davit.engine.fit import ResumableSampler, _SeededDataset
+
+pytest.importorskip("datasets")
+
+CLASSES = ["cat", "dog", "fox"]
+N_PER_CLASS = 6
+
+
+def _png(seed: int, size: int = 20) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _samples(split: str) -> list[tuple[bytes, int]]:
+    base = 0 if split == "train" else 1000
+    return [(_png(base + 10 * c + i), c) for c in range(len(CLASSES)) for i in range(N_PER_CLASS)]
+
+
+def _hf_dict(corrupt: int | None = None):
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})
+    splits = {}
+    for split in ("train", "validation"):
+        rows = _samples(split)
+        images = [{"bytes": b, "path": None} for b, _ in rows]
+        if corrupt is not None and split == "train":
+            images[corrupt] = {"bytes": b"\x89PNG not really", "path": None}
+        splits[split] = datasets.Dataset.from_dict({"image": images, "label": [c for _, c in rows]}, features=features)
+    return datasets.DatasetDict(splits)
+
+
+def _write_shards(folder: Path, rows: list[tuple[bytes, int]], per_shard: int) -> None:
+    folder.mkdir(parents=True)
+    for s in range(0, len(rows), per_shard):
+        with tarfile.open(folder / f"shard-{s // per_shard:04d}.tar", "w") as tar:
+            for i, (data, label) in enumerate(rows[s : s + per_shard], start=s):
+                for name, payload in ((f"s{i:05d}.png", data), (f"s{i:05d}.cls", str(label).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+
+
+def _cfg(kind: str, root: Path | str, **kw) -> ClsDataConfig:
+    base = dict(kind=kind, root=str(root), img_size=16, crop_pct=1.0, auto_augment="", reprob=0.0, mixup=0.0,
+                cutmix=0.0, scale=(0.5, 1.0))  # fmt: skip
+    return ClsDataConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def hf_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("hf") / "pets"
+    _hf_dict().save_to_disk(str(p))
+    return p
+
+
+def test_hf_save_to_disk_and_parquet_folder_give_the_same_samples(hf_disk: Path, tmp_path: Path) -> None:
+    pq = tmp_path / "parquet"
+    pq.mkdir()
+    for split, ds in _hf_dict().items():
+        ds.to_parquet(str(pq / f"{split}-00000-of-00001.parquet"))
+    a_train, a_val, a_names = build_classification_datasets(_cfg("hf", hf_disk))
+    b_train, b_val, b_names = build_classification_datasets(_cfg("hf", pq))
+    assert a_names == b_names == CLASSES
+    assert len(a_train) == len(b_train) == 18 and len(a_val) == len(b_val) == 18  # val -> "validation"
+    for i in (0, 7, 17):
+        xa, ya = a_val[i]
+        xb, yb = b_val[i]
+        assert ya == yb == i // N_PER_CLASS
+        assert xa.shape == (3, 16, 16) and torch.equal(xa, xb)
+    # the decoded pixels are the written ones (eval transform at full size: resize is the identity, then normalise)
+    raw = a_val.read(5)[0]
+    assert np.array_equal(np.asarray(raw), np.asarray(Image.open(io.BytesIO(_samples("val")[5][0])).convert("RGB")))
+
+
+def test_hf_corrupt_image_is_skipped_and_counted(tmp_path: Path) -> None:
+    p = tmp_path / "bad"
+    _hf_dict(corrupt=3).save_to_disk(str(p))
+    train, _, _ = build_classification_datasets(_cfg("hf", p, val_dir=""))
+    x, y = train[3]  # replaced by the next readable sample
+    assert train.num_skipped == 1 and y == train.read(4)[1] and x.shape == (3, 16, 16)
+    train[2]
+    assert train.num_skipped == 1
+
+
+def test_hf_errors_name_the_fix(hf_disk: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="no split 'holdout'.*splits: train, validation"):
+        build_classification_datasets(_cfg("hf", hf_disk, val_dir="holdout"))
+    with pytest.raises(ValueError, match="no 'target' column.*data.label_key"):
+        build_classification_datasets(_cfg("hf", hf_disk, label_key="target"))
+    with pytest.raises(FileNotFoundError, match="not a hub name"):
+        build_classification_datasets(_cfg("hf", tmp_path / "missing" / "folder"))
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match=r"pip install 'davit\[datasets\]'"):
+        build_classification_datasets(_cfg("hf", hf_disk))
+
+
+def test_wds_shards_read_labels_names_and_skip_bad_samples(tmp_path: Path) -> None:
+    rows = _samples("train")
+    rows[4] = (b"not an image at all", rows[4][1])
+    _write_shards(tmp_path / "train", rows, per_shard=5)
+    _write_shards(tmp_path / "val", _samples("val"), per_shard=7)
+    # a sample without its label is left out at indexing time
+    with tarfile.open(tmp_path / "train" / "shard-0003.tar", "a") as tar:
+        info = tarfile.TarInfo("orphan.png")
+        payload = _png(99)
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    train, val, names = build_classification_datasets(_cfg("wds", tmp_path))
+    assert names == CLASSES and len(train) == 18 and len(val) == 18 and train.num_incomplete == 1
+    assert len(train.shards) == 4 and len(val.shards) == 3
+    assert [val[i][1] for i in range(18)] == [i // N_PER_CLASS for i in range(18)]
+    img, label = val.read(9)
+    assert label == 1
+    assert np.array_equal(np.asarray(img), np.asarray(Image.open(io.BytesIO(_samples("val")[9][0])).convert("RGB")))
+    _, y = train[4]
+    assert train.num_skipped == 1 and y == rows[5][1]
+
+
+def test_wds_order_resume_and_rank_shards_are_exact(tmp_path: Path) -> None:
+    _write_shards(tmp_path / "train", _samples("train"), per_shard=4)
+    train, _, _ = build_classification_datasets(_cfg("wds", tmp_path, val_dir=""))
+    assert isinstance(train, WebDatasetShards)
+    ds = _SeededDataset(train)
+
+    def epoch(start: int = 0, rank: int = 0, world: int = 1, epoch: int = 1) -> list[tuple[torch.Tensor, int]]:
+        s = ResumableSampler(len(train), seed=7, rank=rank, world=world)
+        s.set_epoch(epoch, start)
+        return [ds[k] for k in s]
+
+    full = epoch()
+    resumed = epoch(start=5)
+    assert len(resumed) == len(full) - 5
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(full[5:], resumed))  # augmentations too
+    other = epoch(epoch=2)
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(full, other))
+    s0 = ResumableSampler(len(train), seed=7, rank=0, world=2, with_seed=False)
+    s1 = ResumableSampler(len(train), seed=7, rank=1, world=2, with_seed=False)
+    s0.set_epoch(1)
+    s1.set_epoch(1)
+    i0, i1 = list(s0), list(s1)
+    assert len(i0) == len(i1) == 9 and not set(i0) & set(i1) and set(i0) | set(i1) == set(range(18))
+
+
+def test_training_on_a_datasets_folder_resumes_bit_exactly(hf_disk: Path, tmp_path: Path) -> None:
+    """A run stopped by SIGTERM mid-epoch and resumed ends with the weights of an uninterrupted run."""
+    from davit.config import LoopConfig, ModelConfig, OptimConfig, SchedConfig
+    from davit.engine.fit import fit
+    from davit.tasks.classification import ClassificationTask, ClsConfig
+
+    model = ModelConfig(
+        name="davit_tiny",
+        overrides={"embed_dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1), "num_heads": (1, 2, 2, 4), "window_size": 2},
+    )
+    train = LoopConfig(epochs=2, batch_size=4, workers=0, threads=1, log_every=1000)
+    cfg = ClsConfig(model=model, data=_cfg("hf", hf_disk), optim=OptimConfig(lr=1e-3, lr_base_batch=4), train=train,
+                    sched=SchedConfig(warmup=0), out=str(tmp_path / "ref"))  # fmt: skip
+
+    class StopAt(ClassificationTask):
+        calls = 0
+
+        def loss_fn(self, model, batch):  # type: ignore[no-untyped-def]
+            StopAt.calls += 1
+            if StopAt.calls == 6:  # mid epoch 2 (4 steps per epoch)
+                signal.raise_signal(signal.SIGTERM)
+            return super().loss_fn(model, batch)
+
+    ref = fit(cfg, ClassificationTask(cfg))
+    assert ref["steps"] == 8 and not ref["interrupted"]
+    cut_cfg = dataclasses.replace(cfg, out=str(tmp_path / "cut"))
+    stopped = fit(cut_cfg, StopAt(cut_cfg))
+    assert stopped["interrupted"] and stopped["steps"] == 6
+    resumed = fit(dataclasses.replace(cut_cfg, resume="auto"), ClassificationTask(cut_cfg))
+    assert resumed["steps"] == 8 and not resumed["interrupted"]
+    from davit.weights import read_checkpoint
+
+    a = read_checkpoint(tmp_path / "ref" / "last.safetensors")
+    b = read_checkpoint(tmp_path / "cut" / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
