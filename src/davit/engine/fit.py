@@ -6,7 +6,8 @@ checkpoints, logs and curves. A :class:`davit.engine.Task` owns the model, the d
 
 Outputs in ``cfg.out``: ``config.yaml``, ``log.txt``, ``metrics.jsonl`` (one line per epoch, or per evaluation in
 iteration-based runs), ``summary.json``, ``last.pt`` (full state), ``last.safetensors`` and ``best.safetensors``
-(weights with the model config and class names), ``curves.png``. All written atomically, by rank 0.
+(weights with the model config and class names), ``curves.png``. All written atomically, by rank 0. The same scalars
+go to the trackers of ``train.loggers`` (TensorBoard by default when installed; :mod:`davit.engine.loggers`).
 
 Bit-exact resume (CPU): the sampler's order is a function of ``(seed, epoch)``; every sample's augmentation is seeded
 from ``(seed, epoch, index)`` inside the dataset call, independent of workers and of where the run was resumed; the
@@ -528,6 +529,12 @@ class _Run:
                 i = self.info
                 log.info("distributed: %s, rank %d/%d on %s (%s)", i.mode, i.rank, i.world_size, i.device, i.backend)
             self._build()
+            from .loggers import build_loggers
+
+            self.loggers = build_loggers(
+                self.tc.loggers, self.out, to_dict(self.cfg), enabled=self.info.is_main, project=self.tc.project
+            )
+            stack.callback(self.loggers.close)
             self.acc: dict[str, Tensor] = {}
             path = self._resume_path()
             if path is not None:
@@ -574,6 +581,7 @@ class _Run:
                             "epoch %d step %d/%d loss %.4f lr %.3e",
                             p.epoch + 1, p.step, self.total_steps, float(self._last_loss), self._last_lr,
                         )  # fmt: skip
+                        self.loggers.log_interval(p.step, float(self._last_loss), self._last_lr, p.train_images)
                     if self._stopping:
                         self._tick()
                         self._save()
@@ -692,6 +700,7 @@ class _Run:
         row["seconds"] = round(p.seconds, 3)
         row["images_per_second"] = round(p.train_images / max(p.train_seconds, 1e-9), 2)
         p.history.append(row)
+        self.loggers.log_row(row)
         primary = self.task.primary_metric
         improved = primary in metrics and metrics[primary] > p.best
         if improved:
