@@ -10,6 +10,7 @@ Quick use::
 from __future__ import annotations
 
 from .factory import create_model
+from .hub import push_to_hub
 from .models import DaViT, DaViTConfig, count_params, list_models
 from .optimize import optimize
 from .weights import CheckpointError, convert_state_dict, list_weights, load_checkpoint
@@ -28,4 +29,5 @@ __all__ = [
     "list_weights",
     "load_checkpoint",
     "optimize",
+    "push_to_hub",
 ]

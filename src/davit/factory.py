@@ -32,7 +32,8 @@ def create_model(
 
     Args:
         name: a zoo name from :func:`davit.list_models`, optionally with a weight tag (``"davit_tiny.msft_in1k"``
-            implies ``pretrained="msft_in1k"``).
+            implies ``pretrained="msft_in1k"``); or ``"hf-hub:user/repo"`` (``local-dir:/folder``) for weights that
+            :func:`davit.hub.push_to_hub` published (their architecture and weights; ``pretrained`` is ignored).
         pretrained: False; True for the model's default published weights; a weight tag (``"msft_in1k"``); or a local
             checkpoint path in any supported format (official, timm, mmpretrain, Florence-2, ours).
         num_classes: classifier outputs. Default: the weights' class count when loading weights, else 1000. A count
@@ -47,6 +48,11 @@ def create_model(
     Returns:
         The model (in train mode, as every ``nn.Module``). Loaded weights' metadata is on ``model.pretrained_cfg``.
     """
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return _create_from_hub(
+            name, num_classes=num_classes, features_only=features_only, out_indices=out_indices, device=device,
+            dtype=dtype, **overrides,
+        )  # fmt: skip
     model_name, _, tag = name.partition(".")
     cfg = get_config(model_name)
     if tag and pretrained is False:
@@ -77,6 +83,23 @@ def create_model(
     if state is not None:
         load_checkpoint(model, state, strict=True, reset_head=num_classes is not None)
         model.pretrained_cfg = info.metadata() if info is not None else {"file": str(pretrained)}
+    return model
+
+
+def _create_from_hub(name: str, **kwargs: Any) -> DaViT:
+    """A model from a repo :func:`davit.hub.push_to_hub` wrote: its weights' header carries the architecture."""
+    from .hub import load_hub_files
+    from .models import list_models
+
+    weights, config = load_hub_files(name)
+    arch = config.get("architecture")
+    model = create_model(arch if arch in list_models() else "davit_tiny", pretrained=str(weights), **kwargs)
+    model.pretrained_cfg = {
+        "hub_id": name,
+        "file": str(weights),
+        "class_names": config.get("class_names"),
+        "preprocessing": config.get("preprocessing"),
+    }
     return model
 
 
