@@ -164,6 +164,10 @@ def test_wds_order_resume_and_rank_shards_are_exact(tmp_path: Path) -> None:
 
 
 def test_training_on_a_datasets_folder_resumes_bit_exactly(hf_disk: Path, tmp_path: Path) -> None:
+    _train_stop_resume(_cfg("hf", hf_disk), tmp_path)
+
+
+def _train_stop_resume(data: ClsDataConfig, tmp_path: Path) -> None:
     """A run stopped by SIGTERM mid-epoch and resumed ends with the weights of an uninterrupted run."""
     from davit.config import LoopConfig, ModelConfig, OptimConfig, SchedConfig
     from davit.engine.fit import fit
@@ -174,7 +178,7 @@ def test_training_on_a_datasets_folder_resumes_bit_exactly(hf_disk: Path, tmp_pa
         overrides={"embed_dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1), "num_heads": (1, 2, 2, 4), "window_size": 2},
     )
     train = LoopConfig(epochs=2, batch_size=4, workers=0, threads=1, log_every=1000)
-    cfg = ClsConfig(model=model, data=_cfg("hf", hf_disk), optim=OptimConfig(lr=1e-3, lr_base_batch=4), train=train,
+    cfg = ClsConfig(model=model, data=data, optim=OptimConfig(lr=1e-3, lr_base_batch=4), train=train,
                     sched=SchedConfig(warmup=0), out=str(tmp_path / "ref"))  # fmt: skip
 
     class StopAt(ClassificationTask):
@@ -198,3 +202,57 @@ def test_training_on_a_datasets_folder_resumes_bit_exactly(hf_disk: Path, tmp_pa
     a = read_checkpoint(tmp_path / "ref" / "last.safetensors")
     b = read_checkpoint(tmp_path / "cut" / "last.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------------------------------------- streaming
+@pytest.fixture(scope="module")
+def parquet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pq = tmp_path_factory.mktemp("pq")
+    for split, ds in _hf_dict(corrupt=None).items():
+        # several files per split: the stream shuffles shards as well as samples
+        for k in range(3):
+            ds.shard(3, k, contiguous=True).to_parquet(str(pq / f"{split}-{k:05d}-of-00003.parquet"))
+    return pq
+
+
+def _stream_epoch(train, *, rank=0, world=1, batch=2, workers=0, epoch=1, start=0) -> list[tuple[torch.Tensor, int]]:
+    from torch.utils.data import DataLoader
+
+    train.configure(seed=3, rank=rank, world=world, batch_size=batch)
+    train.set_epoch(epoch, start)
+    out = []
+    for x, y in DataLoader(train, batch_size=batch, num_workers=workers, drop_last=True):
+        out.extend(zip(x, y.tolist()))
+    return out
+
+
+def test_stream_order_is_a_function_of_seed_epoch_rank_and_resumes(parquet_dir: Path) -> None:
+    from davit.data.sources import HFStream
+
+    train, val, names = build_classification_datasets(_cfg("hf", parquet_dir, streaming=True))
+    assert isinstance(train, HFStream) and len(train) == 18 and names == CLASSES and len(val) == 18
+    full = _stream_epoch(train)
+    assert len(full) == 18 and sorted(y for _, y in full) == sorted(i // N_PER_CLASS for i in range(18))
+    assert [y for _, y in full] != sorted(y for _, y in full)  # shuffled
+    again = _stream_epoch(train, workers=2)  # two workers build alternate batches: the same sequence
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(full, again)) and len(again) == 18
+    resumed = _stream_epoch(train, start=6)
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(full[6:], resumed)) and len(resumed) == 12
+    other = _stream_epoch(train, epoch=2)
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(full, other))
+    # two ranks: disjoint shares of the same epoch, equal counts, every sample once
+    r0, r1 = _stream_epoch(train, rank=0, world=2), _stream_epoch(train, rank=1, world=2)
+    assert len(r0) == len(r1) == 8  # 9 per rank, batches of 2, the partial batch dropped
+    keys = lambda items: [(y, float(x.sum())) for x, y in items]  # noqa: E731
+    assert not set(keys(r0)) & set(keys(r1))
+
+
+def test_stream_skips_a_corrupt_image_and_keeps_batch_positions(tmp_path: Path) -> None:
+    _hf_dict(corrupt=2)["train"].to_parquet(str(tmp_path / "train-00000-of-00001.parquet"))
+    train, _, _ = build_classification_datasets(_cfg("hf", tmp_path, streaming=True, val_dir=""))
+    items = _stream_epoch(train, batch=3)
+    assert len(items) == 18 and train.num_skipped == 1
+
+
+def test_training_on_a_stream_resumes_bit_exactly(parquet_dir: Path, tmp_path: Path) -> None:
+    _train_stop_resume(_cfg("hf", parquet_dir, streaming=True), tmp_path)

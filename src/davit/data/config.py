@@ -32,6 +32,7 @@ class ClsDataConfig:
         train_dir, val_dir: sub-folders of ``root`` (``hf``: split names, ``wds``: shard folders or globs);
             ``val_dir=""`` trains without a validation set.
         image_key, label_key: ``hf`` only: the image column (``""``: ``image`` or ``img``) and the label column.
+        streaming: ``hf`` only: stream the training split instead of downloading / memory-mapping it first.
         img_size: square input side the model sees.
         crop_pct: evaluation centre-crop fraction (resize the short side to ``img_size / crop_pct``, then crop).
         interpolation: resize interpolation for training and evaluation.
@@ -53,6 +54,7 @@ class ClsDataConfig:
     val_dir: str = "val"
     image_key: str = ""
     label_key: str = "label"
+    streaming: bool = False
     img_size: int = 224
     crop_pct: float = 0.9
     interpolation: str = "bicubic"
@@ -76,6 +78,8 @@ class ClsDataConfig:
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
             raise ValueError(f"data.kind must be one of {', '.join(_KINDS)}, not {self.kind!r}")
+        if self.streaming and self.kind != "hf":
+            raise ValueError("data.streaming=true needs data.kind=hf (webdataset shards are read in place already)")
         if self.img_size < 1:
             raise ValueError(f"data.img_size must be a positive number of pixels, not {self.img_size}")
         if not 0.0 < self.crop_pct <= 1.0:

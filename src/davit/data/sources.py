@@ -10,6 +10,11 @@ Unreadable samples are skipped (the next readable one takes their place) and cou
   downloaded once into the Hugging Face cache, then memory-mapped Arrow). ``data.train_dir`` / ``data.val_dir`` name
   the splits (``val`` falls back to ``validation``). Images come from ``data.image_key`` (default: ``image``, else
   ``img``), labels from ``data.label_key``; a ``ClassLabel`` feature gives the class names.
+- ``data.kind=hf`` with ``data.streaming=true``: the training split is read as a stream (nothing is downloaded
+  first; ``datasets``' ``IterableDataset``) by :class:`HFStream`, which keeps the same guarantees by construction: the
+  epoch's order is ``datasets``' shard-and-buffer shuffle seeded from ``(seed, epoch)``, rank ``r`` of ``w`` takes
+  every ``w``-th sample of it, DataLoader worker ``k`` builds every ``k``-th batch, and a resumed run skips (reads,
+  does not decode) the samples it had consumed. The validation split is loaded map-style (downloaded once).
 - ``data.kind=wds``: webdataset shards: ``root/train_dir/*.tar`` (or the glob ``root/train_dir``), each sample a group
   of tar members sharing a key (``n01440764_10026.jpg`` + ``n01440764_10026.cls``). The shards are indexed once (tar
   headers only; the ``.cls`` members are read), then images are read by offset. Class names come from
@@ -18,22 +23,26 @@ Unreadable samples are skipped (the next readable one takes their place) and cou
 
 from __future__ import annotations
 
+import inspect
 import io
 import logging
 import os
+import random
 import tarfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .image import IMAGE_EXTENSIONS, ImageReadError, to_rgb
 
 __all__ = [
     "HFImageDataset",
+    "HFStream",
     "SkippingDataset",
     "WebDatasetShards",
     "build_hf_datasets",
@@ -139,24 +148,9 @@ class HFImageDataset(SkippingDataset):
         label_key: str = "label",
     ) -> None:
         super().__init__(transform)
-        datasets = _require_datasets()
-        cols = list(ds.column_names)
-        image_key = image_key or next((c for c in ("image", "img") if c in cols), "")
-        if image_key not in cols:
-            raise ValueError(f"the dataset has no image column (columns: {', '.join(cols)}); set data.image_key")
-        if label_key not in cols:
-            raise ValueError(
-                f"the dataset has no {label_key!r} column (columns: {', '.join(cols)}); set data.label_key"
-            )
-        feat = ds.features[image_key]
-        if isinstance(feat, datasets.Image):
-            ds = ds.cast_column(image_key, datasets.Image(decode=False))
-        self.ds = ds.select_columns([image_key, label_key])
-        self.image_key, self.label_key = image_key, label_key
-        label_feat = ds.features[label_key]
-        if isinstance(label_feat, datasets.ClassLabel):
-            self.classes = list(label_feat.names)
-        else:
+        self.ds, self.image_key, self.classes = _image_columns(ds, image_key, label_key)
+        self.label_key = label_key
+        if not self.classes:
             labels = self.ds[label_key]
             self.classes = [str(i) for i in range(int(max(labels)) + 1)] if len(labels) else []
 
@@ -168,27 +162,156 @@ class HFImageDataset(SkippingDataset):
 
     def read(self, index: int) -> tuple[Image.Image, int]:
         row = self.ds[index]
-        img, label = row[self.image_key], int(row[self.label_key])
-        if isinstance(img, Image.Image):
-            return to_rgb(img), label
-        if isinstance(img, dict):
-            data = img.get("bytes")
-            if data is None and img.get("path"):
-                data = Path(img["path"]).read_bytes()
-            if data is None:
-                raise ImageReadError(f"sample {index} has an empty image")
-            return decode_rgb(data, img.get("path") or f"sample {index}"), label
-        raise ImageReadError(f"sample {index}: {self.image_key} holds a {type(img).__name__}, not an image")
+        return _decode_row(row[self.image_key], f"sample {index}"), int(row[self.label_key])
 
 
-def _load_hf(root: str) -> Any:
+def _decode_row(img: Any, name: str) -> Image.Image:
+    """An image cell of a ``datasets`` row (undecoded ``{"bytes", "path"}`` or a PIL image) as RGB."""
+    if isinstance(img, Image.Image):
+        return to_rgb(img)
+    if isinstance(img, dict):
+        data = img.get("bytes")
+        if data is None and img.get("path"):
+            data = Path(img["path"]).read_bytes()
+        if data is None:
+            raise ImageReadError(f"{name} has an empty image")
+        return decode_rgb(data, img.get("path") or name)
+    raise ImageReadError(f"{name}: the image column holds a {type(img).__name__}, not an image")
+
+
+def _image_columns(ds: Any, image_key: str, label_key: str) -> tuple[Any, str, list[str]]:
+    """``(ds with the image column undecoded, image_key, class names)``; checks the columns exist."""
+    datasets = _require_datasets()
+    cols = list(ds.column_names or ds.features.keys())
+    image_key = image_key or next((c for c in ("image", "img") if c in cols), "")
+    if image_key not in cols:
+        raise ValueError(f"the dataset has no image column (columns: {', '.join(cols)}); set data.image_key")
+    if label_key not in cols:
+        raise ValueError(f"the dataset has no {label_key!r} column (columns: {', '.join(cols)}); set data.label_key")
+    if isinstance(ds.features[image_key], datasets.Image):
+        # Undecoded bytes: a corrupt image is then skipped here instead of failing inside datasets.
+        ds = ds.cast_column(image_key, datasets.Image(decode=False))
+    label_feat = ds.features[label_key]
+    names = list(label_feat.names) if isinstance(label_feat, datasets.ClassLabel) else []
+    return ds.select_columns([image_key, label_key]), image_key, names
+
+
+class HFStream(IterableDataset):
+    """A streamed ``datasets.IterableDataset`` split with a deterministic, resumable, rank- and worker-sharded order.
+
+    The training loop calls :meth:`configure` once and :meth:`set_epoch` before each epoch (as on its sampler).
+    An unreadable sample is counted and replaced by the worker's previous readable one (or, at the very start, the
+    next), so every batch keeps its size and position.
+
+    Args:
+        ds: the streamed split (``load_dataset(..., streaming=True)[split]``).
+        length: samples per epoch (from the dataset's metadata, or counted once).
+        transform: PIL RGB image -> tensor.
+        image_key, label_key: the columns.
+        classes: the class names.
+        buffer_size: ``datasets``' shuffle buffer (the order also shuffles the shards).
+    """
+
+    def __init__(
+        self,
+        ds: Any,
+        length: int,
+        transform: Callable[[Image.Image], Any] | None,
+        image_key: str,
+        label_key: str,
+        classes: list[str],
+        buffer_size: int = 1000,
+    ) -> None:
+        self.ds, self.n, self.transform = ds, length, transform
+        self.image_key, self.label_key, self.classes = image_key, label_key, classes
+        self.buffer_size = buffer_size
+        self.seed, self.rank, self.world, self.batch_size = 0, 0, 1, 1
+        self.epoch, self.start = 0, 0
+        self._skipped = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    @property
+    def num_skipped(self) -> int:
+        """Unreadable-sample encounters so far (all workers, all epochs)."""
+        return int(self._skipped.item())
+
+    def __len__(self) -> int:
+        return self.n
+
+    def configure(self, *, seed: int, rank: int, world: int, batch_size: int) -> None:
+        """The run's seed, this process's rank among ``world``, and the per-process batch size."""
+        self.seed, self.rank, self.world, self.batch_size = seed, rank, world, batch_size
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Iterate epoch ``epoch`` from its ``start``-th sample (of this rank's share)."""
+        self.epoch, self.start = epoch, start
+
+    def _rank_rows(self) -> Any:
+        """``(global position, row)`` of this rank's share of the epoch, in order, truncated to equal counts."""
+        kw: dict[str, Any] = {}
+        if "max_buffer_input_shards" in inspect.signature(self.ds.shuffle).parameters:
+            # One shard at a time: interleaving shards runs reader threads whose shutdown sleeps 5 s (datasets 4+).
+            kw["max_buffer_input_shards"] = 1
+        stream = self.ds.shuffle(seed=(self.seed * 100_003 + self.epoch) % 2**32, buffer_size=self.buffer_size, **kw)
+        per_rank = self.n // self.world
+        g = 0
+        # .iter(), not iter(): inside a DataLoader worker, iter() would hand each worker only some of the shards;
+        # here every worker reads the whole order and builds its own batches of it.
+        for batch in stream.iter(batch_size=256):
+            for i in range(len(batch[self.label_key])):
+                if g >= per_rank * self.world:
+                    return
+                if g % self.world == self.rank:
+                    yield g, {self.image_key: batch[self.image_key][i], self.label_key: batch[self.label_key][i]}
+                g += 1
+
+    def __iter__(self) -> Any:
+        info = get_worker_info()
+        workers, wid = (info.num_workers, info.id) if info is not None else (1, 0)
+        last: tuple[Image.Image, int] | None = None
+        owed = 0
+        for k, (g, row) in enumerate(self._rank_rows()):
+            if k < self.start or ((k - self.start) // self.batch_size) % workers != wid:
+                continue  # another worker's batch, or consumed before the resume: read, not decoded
+            try:
+                item = (_decode_row(row[self.image_key], f"stream sample {g}"), int(row[self.label_key]))
+            except ImageReadError as e:
+                self._skipped += 1
+                log.warning("skipping unreadable sample (%s); %d skipped so far", e, self.num_skipped)
+                if last is None:
+                    owed += 1
+                    continue
+                item = last
+            last = item
+            for _ in range(owed + 1):
+                yield self._transform(item, g)
+            owed = 0
+
+    def _transform(self, item: tuple[Image.Image, int], g: int) -> tuple[Any, int]:
+        img, label = item
+        if self.transform is None:
+            return img, label
+        # Augmentation seeded per sample: independent of workers and of where the run resumed.
+        seed = hash((self.seed, self.epoch, g)) & 0x7FFFFFFF
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.default_generator.manual_seed(seed)
+            return self.transform(img), label
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+
+def _load_hf(root: str, streaming: bool = False) -> Any:
     """A ``DatasetDict`` (or Dataset) from a save_to_disk folder, a folder of data files, or a hub name."""
     datasets = _require_datasets()
     p = Path(root).expanduser()
     if p.is_dir():
         if (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
-            return datasets.load_from_disk(str(p))
-        return datasets.load_dataset(str(p))
+            return datasets.load_from_disk(str(p))  # memory-mapped already: streamed below by to_iterable_dataset
+        return datasets.load_dataset(str(p), streaming=streaming)
     if p.exists():
         raise ValueError(f"data.root={root} is a file; pass the dataset folder (save_to_disk or parquet files)")
     if root.count("/") != 1 or root.startswith((".", "/", "~")):
@@ -196,7 +319,7 @@ def _load_hf(root: str) -> Any:
             f"data.root={root}: no such folder, and not a hub name (user/dataset); for data.kind=hf set it to a "
             "save_to_disk folder, a folder of parquet files, or a Hugging Face hub dataset name"
         )
-    return datasets.load_dataset(root)
+    return datasets.load_dataset(root, streaming=streaming)
 
 
 def _split(dd: Any, name: str, root: str) -> Any:
@@ -211,14 +334,36 @@ def _split(dd: Any, name: str, root: str) -> Any:
     raise ValueError(f"{root} has no split {name!r} (splits: {', '.join(keys)}); set data.train_dir / data.val_dir")
 
 
+def _stream(split: Any, cfg: Any, transform: Callable) -> HFStream:
+    datasets = _require_datasets()
+    n = None
+    if isinstance(split, datasets.Dataset):
+        n = len(split)
+        split = split.to_iterable_dataset(num_shards=min(len(split), 64))
+    else:
+        info = split.info.splits.get(split.split) if split.info.splits and split.split else None
+        n = info.num_examples if info is not None and info.num_examples else None
+    ds, image_key, classes = _image_columns(split, cfg.image_key, cfg.label_key)
+    if n is None or not classes:
+        log.info("counting the streamed split once (its size is not in the dataset's metadata)")
+        labels = [int(r[cfg.label_key]) for r in ds.select_columns([cfg.label_key])]
+        n = len(labels)
+        classes = classes or [str(i) for i in range(max(labels) + 1)]
+    return HFStream(ds, n, transform, image_key, cfg.label_key, classes)
+
+
 def build_hf_datasets(
     cfg: Any, train_tf: Callable, eval_tf: Callable
-) -> tuple[HFImageDataset, HFImageDataset | None, list[str]]:
+) -> tuple[HFImageDataset | HFStream, HFImageDataset | None, list[str]]:
     """``(train, val, class_names)`` of a ``data.kind=hf`` config (see the module docstring)."""
     if not cfg.root:
         raise FileNotFoundError("data.root is empty: set it to a datasets folder or a hub name (data.kind=hf)")
-    dd = _load_hf(cfg.root)
-    train = HFImageDataset(_split(dd, cfg.train_dir, cfg.root), train_tf, cfg.image_key, cfg.label_key)
+    if cfg.streaming:
+        train: HFImageDataset | HFStream = _stream(_split(_load_hf(cfg.root, True), cfg.train_dir, cfg.root), cfg,
+                                                  train_tf)  # fmt: skip
+    dd = _load_hf(cfg.root) if not cfg.streaming or cfg.val_dir else None
+    if not cfg.streaming:
+        train = HFImageDataset(_split(dd, cfg.train_dir, cfg.root), train_tf, cfg.image_key, cfg.label_key)
     val = None
     if cfg.val_dir:
         val = HFImageDataset(_split(dd, cfg.val_dir, cfg.root), eval_tf, cfg.image_key, cfg.label_key)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from ..allocator import tune_cpu_allocator
 from ..config import ConfigError, save_config, to_dict
@@ -355,20 +355,23 @@ class _Run:
                 "lower train.batch_size or train.accum_steps"
             )
         collate = self.task.collate_fn()
-        self.sampler = ResumableSampler(len(train_ds), seed=tc.seed, rank=info.rank, world=info.world_size)
-        self.loader = DataLoader(
-            _SeededDataset(train_ds),
-            batch_size=tc.batch_size,
-            sampler=self.sampler,
-            num_workers=tc.workers,
-            collate_fn=collate,
-            drop_last=True,
-            pin_memory=self.device.type == "cuda",
-            worker_init_fn=_worker_init,
-            persistent_workers=tc.workers > 0,
-            # An explicit generator: the loader's worker base seed must not draw from the global RNG.
-            generator=torch.Generator().manual_seed(tc.seed),
-        )
+        if isinstance(train_ds, IterableDataset):  # a stream orders, shards and resumes itself: it is the sampler
+            self.sampler, self.loader = train_ds, self._stream_loader(train_ds, collate)
+        else:
+            self.sampler = ResumableSampler(len(train_ds), seed=tc.seed, rank=info.rank, world=info.world_size)
+            self.loader = DataLoader(
+                _SeededDataset(train_ds),
+                batch_size=tc.batch_size,
+                sampler=self.sampler,
+                num_workers=tc.workers,
+                collate_fn=collate,
+                drop_last=True,
+                pin_memory=self.device.type == "cuda",
+                worker_init_fn=_worker_init,
+                persistent_workers=tc.workers > 0,
+                # An explicit generator: the loader's worker base seed must not draw from the global RNG.
+                generator=torch.Generator().manual_seed(tc.seed),
+            )
         self.val_loader = None
         if val_ds is not None and len(val_ds) > 0:
             self.val_loader = DataLoader(
@@ -416,6 +419,23 @@ class _Run:
             self.steps_per_epoch,
             self.device,
             tc.amp,
+        )
+
+    def _stream_loader(self, train_ds: Any, collate: Any) -> DataLoader:
+        """The loader of a stream (``davit.data.sources.HFStream``): no sampler, the stream shards itself."""
+        tc, info = self.tc, self.info
+        train_ds.configure(seed=tc.seed, rank=info.rank, world=info.world_size, batch_size=tc.batch_size)
+        # Not persistent: each epoch's workers must receive the stream's new epoch and start position.
+        return DataLoader(
+            train_ds,
+            batch_size=tc.batch_size,
+            num_workers=tc.workers,
+            collate_fn=collate,
+            drop_last=True,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=_worker_init,
+            # Each iterator draws a base seed; from its own generator, not from the global RNG (dropout, mixup).
+            generator=torch.Generator().manual_seed(tc.seed),
         )
 
     # --------------------------------------------------------------------------------------------- state I/O
