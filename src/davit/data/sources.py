@@ -207,7 +207,8 @@ class HFStream(IterableDataset):
         ds: the streamed split (``load_dataset(..., streaming=True)[split]``).
         length: samples per epoch (from the dataset's metadata, or counted once).
         transform: PIL RGB image -> tensor.
-        image_key, label_key: the columns.
+        image_key: the image column.
+        label_key: the label column.
         classes: the class names.
         buffer_size: ``datasets``' shuffle buffer (the order also shuffles the shards).
     """
