@@ -256,3 +256,15 @@ def test_stream_skips_a_corrupt_image_and_keeps_batch_positions(tmp_path: Path) 
 
 def test_training_on_a_stream_resumes_bit_exactly(parquet_dir: Path, tmp_path: Path) -> None:
     _train_stop_resume(_cfg("hf", parquet_dir, streaming=True), tmp_path)
+
+
+def test_cli_names_the_missing_extra_in_one_line(
+    hf_disk: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    from davit.cli import main
+
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    rc = main(["train", "--config", str(Path(__file__).parents[1] / "configs/cls/digits.yaml"), "data.kind=hf",
+               f"data.root={hf_disk}", "train.loggers=[]"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("davit train: error:") and "pip install 'davit[datasets]'" in err[-1]

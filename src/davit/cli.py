@@ -402,7 +402,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         rc = args.func(args)
-    except (CheckpointError, ConfigError, FileNotFoundError, NotADirectoryError, KeyError, ValueError) as e:
+    # ImportError: an optional extra is missing; the message names the pip command.
+    except (
+        CheckpointError,
+        ConfigError,
+        FileNotFoundError,
+        NotADirectoryError,
+        KeyError,
+        ValueError,
+        ImportError,
+    ) as e:
         if args.verbose:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
