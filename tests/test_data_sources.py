@@ -268,3 +268,29 @@ def test_cli_names_the_missing_extra_in_one_line(
                f"data.root={hf_disk}", "train.loggers=[]"])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("davit train: error:") and "pip install 'davit[datasets]'" in err[-1]
+
+
+@pytest.mark.slow
+def test_stream_ddp_two_processes_match_one_process(tmp_path: Path) -> None:
+    """2 DDP processes at batch 16 on a streamed split see, per step, the samples 1 process sees at batch 32."""
+    import datasets
+    from sklearn.datasets import load_digits
+    from test_train_distributed import RECIPE, _finish, _same_curve, _single, _torchrun
+
+    d = load_digits()
+    images = [Image.fromarray((x * 255 / 16).astype(np.uint8)).convert("RGB") for x in d.images]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list("0123456789"))})
+    for split, idx in (("train", range(0, 1437)), ("validation", range(1437, 1797))):
+        rows = {"image": [images[i] for i in idx], "label": [int(d.target[i]) for i in idx]}
+        ds = datasets.Dataset.from_dict(rows, features=features)
+        for k in range(4):
+            ds.shard(4, k, contiguous=True).to_parquet(str(tmp_path / "pq" / f"{split}-{k:05d}-of-00004.parquet"))
+    cfg = tmp_path / "micro.yaml"
+    cfg.write_text(RECIPE + f"data: {{img_size: 16, kind: hf, root: {tmp_path / 'pq'}, streaming: true}}\n")
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    for p in [_single(cfg, single), _torchrun(cfg, ddp)]:
+        _finish(p)
+    import yaml
+
+    assert yaml.safe_load((ddp / "config.yaml").read_text())["data"]["streaming"] is True
+    _same_curve(single, ddp)
