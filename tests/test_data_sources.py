@@ -167,6 +167,12 @@ def test_training_on_a_datasets_folder_resumes_bit_exactly(hf_disk: Path, tmp_pa
     _train_stop_resume(_cfg("hf", hf_disk), tmp_path)
 
 
+def test_training_on_webdataset_shards_resumes_bit_exactly(tmp_path: Path) -> None:
+    _write_shards(tmp_path / "wds" / "train", _samples("train"), per_shard=5)
+    _write_shards(tmp_path / "wds" / "val", _samples("val"), per_shard=5)
+    _train_stop_resume(_cfg("wds", tmp_path / "wds"), tmp_path)
+
+
 def _train_stop_resume(data: ClsDataConfig, tmp_path: Path) -> None:
     """A run stopped by SIGTERM mid-epoch and resumed ends with the weights of an uninterrupted run."""
     from davit.config import LoopConfig, ModelConfig, OptimConfig, SchedConfig
