@@ -237,6 +237,9 @@ def test_stream_order_is_a_function_of_seed_epoch_rank_and_resumes(parquet_dir: 
 
     train, val, names = build_classification_datasets(_cfg("hf", parquet_dir, streaming=True))
     assert isinstance(train, HFStream) and len(train) == 18 and names == CLASSES and len(val) == 18
+    # the evaluation split, streamed then read into the cache, is the one a plain load gives
+    _, plain_val, _ = build_classification_datasets(_cfg("hf", parquet_dir))
+    assert all(torch.equal(val[i][0], plain_val[i][0]) and val[i][1] == plain_val[i][1] for i in (0, 9, 17))
     full = _stream_epoch(train)
     assert len(full) == 18 and sorted(y for _, y in full) == sorted(i // N_PER_CLASS for i in range(18))
     assert [y for _, y in full] != sorted(y for _, y in full)  # shuffled

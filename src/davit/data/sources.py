@@ -14,7 +14,8 @@ Unreadable samples are skipped (the next readable one takes their place) and cou
   first; ``datasets``' ``IterableDataset``) by :class:`HFStream`, which keeps the same guarantees by construction: the
   epoch's order is ``datasets``' shard-and-buffer shuffle seeded from ``(seed, epoch)``, rank ``r`` of ``w`` takes
   every ``w``-th sample of it, DataLoader worker ``k`` builds every ``k``-th batch, and a resumed run skips (reads,
-  does not decode) the samples it had consumed. The validation split is loaded map-style (downloaded once).
+  does not decode) the samples it had consumed. The validation split is read once into the ``datasets`` cache
+  (evaluation indexes it).
 - ``data.kind=wds``: webdataset shards: ``root/train_dir/*.tar`` (or the glob ``root/train_dir``), each sample a group
   of tar members sharing a key (``n01440764_10026.jpg`` + ``n01440764_10026.cls``). The shards are indexed once (tar
   headers only; the ``.cls`` members are read), then images are read by offset. Class names come from
@@ -353,6 +354,23 @@ def _stream(split: Any, cfg: Any, transform: Callable) -> HFStream:
     return HFStream(ds, n, transform, image_key, cfg.label_key, classes)
 
 
+def _materialize(split: Any, image_key: str) -> Any:
+    """A streamed split as a map-style Dataset (evaluation shards its set by index): only this split is read, once,
+    into the ``datasets`` cache; a map-style split is returned as is."""
+    datasets = _require_datasets()
+    if isinstance(split, datasets.Dataset):
+        return split
+    key = image_key or next((c for c in ("image", "img") if c in split.features), "")
+    if isinstance(split.features.get(key), datasets.Image):
+        split = split.cast_column(key, datasets.Image(decode=False))  # copy the encoded bytes, do not re-encode
+    log.info("reading the streamed evaluation split into the datasets cache (once)")
+
+    def rows() -> Any:
+        yield from split
+
+    return datasets.Dataset.from_generator(rows, features=split.features)
+
+
 def build_hf_datasets(
     cfg: Any, train_tf: Callable, eval_tf: Callable
 ) -> tuple[HFImageDataset | HFStream, HFImageDataset | None, list[str]]:
@@ -360,14 +378,15 @@ def build_hf_datasets(
     if not cfg.root:
         raise FileNotFoundError("data.root is empty: set it to a datasets folder or a hub name (data.kind=hf)")
     if cfg.streaming:
-        train: HFImageDataset | HFStream = _stream(_split(_load_hf(cfg.root, True), cfg.train_dir, cfg.root), cfg,
-                                                  train_tf)  # fmt: skip
-    dd = _load_hf(cfg.root) if not cfg.streaming or cfg.val_dir else None
-    if not cfg.streaming:
+        dd = _load_hf(cfg.root, streaming=True)
+        train: HFImageDataset | HFStream = _stream(_split(dd, cfg.train_dir, cfg.root), cfg, train_tf)
+    else:
+        dd = _load_hf(cfg.root)
         train = HFImageDataset(_split(dd, cfg.train_dir, cfg.root), train_tf, cfg.image_key, cfg.label_key)
     val = None
     if cfg.val_dir:
-        val = HFImageDataset(_split(dd, cfg.val_dir, cfg.root), eval_tf, cfg.image_key, cfg.label_key)
+        val_split = _materialize(_split(dd, cfg.val_dir, cfg.root), cfg.image_key)
+        val = HFImageDataset(val_split, eval_tf, cfg.image_key, cfg.label_key)
         if len(val.classes) > len(train.classes):
             train.classes = val.classes
     return train, val, list(train.classes)
