@@ -94,12 +94,9 @@ def _create_from_hub(name: str, **kwargs: Any) -> DaViT:
     weights, config = load_hub_files(name)
     arch = config.get("architecture")
     model = create_model(arch if arch in list_models() else "davit_tiny", pretrained=str(weights), **kwargs)
-    model.pretrained_cfg = {
-        "hub_id": name,
-        "file": str(weights),
-        "class_names": config.get("class_names"),
-        "preprocessing": config.get("preprocessing"),
-    }
+    # Keep what loading the file recorded; add where it came from (and the repo's labels and preprocessing).
+    extra = {"hub_id": name, "class_names": config.get("class_names"), "preprocessing": config.get("preprocessing")}
+    model.pretrained_cfg = {**extra, **(getattr(model, "pretrained_cfg", None) or {}), "hub_id": name}
     return model
 
 
