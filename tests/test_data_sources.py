@@ -303,3 +303,11 @@ def test_stream_ddp_two_processes_match_one_process(tmp_path: Path) -> None:
 
     assert yaml.safe_load((ddp / "config.yaml").read_text())["data"]["streaming"] is True
     _same_curve(single, ddp)
+
+
+def test_without_substitution_an_unreadable_sample_is_none(tmp_path: Path) -> None:
+    rows = _samples("val")
+    rows[2] = (b"broken", rows[2][1])
+    _write_shards(tmp_path / "val", rows, per_shard=6)
+    ds = WebDatasetShards(sorted((tmp_path / "val").glob("*.tar")), substitute_unreadable=False)
+    assert ds[2] is None and ds.num_skipped == 1 and ds[3][1] == rows[3][1]

@@ -76,11 +76,14 @@ def decode_rgb(data: bytes, name: str) -> Image.Image:
 class SkippingDataset(Dataset):
     """Base of the map-style sources: ``transform(image), label`` items, unreadable samples skipped and counted.
 
-    Subclasses implement ``__len__``, :meth:`read` and :meth:`name`.
+    Subclasses implement ``__len__``, :meth:`read` and :meth:`name`. With ``substitute_unreadable`` (training) an
+    unreadable sample is replaced by the next readable one, so an epoch keeps its length; without it (evaluation) the
+    item is None, for a collate function that drops it, so every readable sample is scored once.
     """
 
-    def __init__(self, transform: Callable[[Image.Image], Any] | None) -> None:
+    def __init__(self, transform: Callable[[Image.Image], Any] | None, substitute_unreadable: bool = True) -> None:
         self.transform = transform
+        self.substitute_unreadable = substitute_unreadable
         # Shared memory: DataLoader workers' skips add up where the training loop reads them.
         self._skipped = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._warned: set[str] = set()
@@ -98,9 +101,9 @@ class SkippingDataset(Dataset):
         """A name for sample ``index`` in messages."""
         return str(index)
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
+    def __getitem__(self, index: int) -> tuple[Any, int] | None:
         n = len(self)
-        tries = min(_MAX_SKIP, n)
+        tries = min(_MAX_SKIP, n) if self.substitute_unreadable else 1
         for step in range(tries):
             i = (index + step) % n
             try:
@@ -113,6 +116,8 @@ class SkippingDataset(Dataset):
                     log.warning("skipping unreadable sample (%s); %d skipped so far", e, self.num_skipped)
                 continue
             return (self.transform(img) if self.transform is not None else img), target
+        if not self.substitute_unreadable:
+            return None
         raise ImageReadError(
             f"{tries} consecutive unreadable samples from item {index} of {self.name(index)}: the dataset looks "
             "corrupt; check it (e.g. re-download or re-write it)"
@@ -139,6 +144,7 @@ class HFImageDataset(SkippingDataset):
         transform: PIL RGB image -> tensor; None returns the PIL image.
         image_key: the image column; ``""`` picks ``image`` or ``img``.
         label_key: the integer label column.
+        substitute_unreadable: see :class:`SkippingDataset`.
     """
 
     def __init__(
@@ -147,8 +153,9 @@ class HFImageDataset(SkippingDataset):
         transform: Callable[[Image.Image], Any] | None = None,
         image_key: str = "",
         label_key: str = "label",
+        substitute_unreadable: bool = True,
     ) -> None:
-        super().__init__(transform)
+        super().__init__(transform, substitute_unreadable)
         self.ds, self.image_key, self.classes = _image_columns(ds, image_key, label_key)
         self.label_key = label_key
         if not self.classes:
@@ -456,6 +463,7 @@ class WebDatasetShards(SkippingDataset):
         shards: the tar files, in a fixed order (their order defines the sample indices).
         transform: PIL RGB image -> tensor; None returns the PIL image.
         class_names: names by label; default ``"0".."max label"``.
+        substitute_unreadable: see :class:`SkippingDataset`.
     """
 
     def __init__(
@@ -463,8 +471,9 @@ class WebDatasetShards(SkippingDataset):
         shards: Sequence[str | os.PathLike[str]],
         transform: Callable[[Image.Image], Any] | None = None,
         class_names: Sequence[str] | None = None,
+        substitute_unreadable: bool = True,
     ) -> None:
-        super().__init__(transform)
+        super().__init__(transform, substitute_unreadable)
         self.shards = [str(s) for s in shards]
         self.samples: list[tuple[int, int, int]] = []  # (shard, offset, size)
         self.keys: list[str] = []
