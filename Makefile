@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: setup
-	$(BIN)/davit train --config configs/cls/digits.yaml --out runs/digits
+	$(BIN)/davit train --config cls/digits --out runs/digits
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -11,7 +11,7 @@ Sections (each can be skipped with --skip NAME):
           is timed in interleaved rounds in this process and reported as the median;
   train   one AdamW (PyTorch's fused kernel, both sides) + cross-entropy step, fp32 and bf16 autocast, each
           configuration in a fresh process: speed (images/s at batch 16 after 3 warm-up steps, ours vs timm, and
-          ours with ``set_memory_saving("all")``) and
+          ours with ``train.memory_saving=all``) and
           memory at batch 32 with glibc's default allocator (peak RSS, and the MB autograd saves for the backward
           pass) for timm and ours at every memory-saving level, with and without gradient checkpointing;
   scale   batch-1 fp32 time per megapixel at 224, 448, 896 (ours and timm, interleaved);
@@ -184,9 +184,8 @@ def bench_infer(args: argparse.Namespace, flops_per_image: float) -> dict[str, A
             for comp in (False, True) if "compile" not in args.skip else (False,):
                 key = dtype_name + ("+compile" if comp else "")
                 t0 = time.perf_counter()
-                fast[key] = optimize(
-                    copy.deepcopy(ours), example_input=x, dtype=dtype, compile=comp, tune_allocator=False
-                )  # the allocator setting is the run's (both sides), not optimize's
+                # optimize sets no process-wide allocator policy: the run's setting applies to both sides
+                fast[key] = optimize(copy.deepcopy(ours), example_input=x, dtype=dtype, compile=comp)
                 info[f"optimize_{key}_b{batch}_s"] = round(time.perf_counter() - t0, 1)
 
         def run(m: Any, ctx: Callable[[], Any] | None = None, x: Any = x) -> Callable[[], Any]:
@@ -275,7 +274,7 @@ def train_setup(
         model = timm.create_model(model_name, num_classes=1000, drop_path_rate=DROP_PATH)
     else:
         model = davit.create_model(model_name, drop_path_rate=DROP_PATH)
-        model.set_memory_saving(level)
+        davit.accelerate.install(model, mode="train", memory_saving=level)  # what `davit train` installs
         if ckpt:
             model.set_grad_checkpointing(True)
     model.train()
@@ -314,7 +313,7 @@ def _worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
 
             net = timm.create_model(spec["model"]).eval()
         else:
-            net = davit.optimize(davit.create_model(spec["model"]), tune_allocator=False)
+            net = davit.optimize(davit.create_model(spec["model"]))
         x = torch.randn(spec["batch"], 3, 224, 224)
         times = []
         with torch.inference_mode():
@@ -509,17 +508,10 @@ def flops_per_image(model_name: str) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     import davit
-    import davit.models.fused as fused
 
-    m = davit.create_model(model_name).eval()
-    # Grad enabled and the oneDNN training GEMMs off, on purpose: the model then takes its plain ATen path, whose
-    # ops the counter knows (the fused oneDNN ops are invisible to it).
-    keep, fused.ONEDNN_FP32 = fused.ONEDNN_FP32, False
-    try:
-        with FlopCounterMode(display=False) as fc:
-            m(torch.randn(1, 3, 224, 224))
-    finally:
-        fused.ONEDNN_FP32 = keep
+    m = davit.create_model(model_name).eval()  # the reference model: plain ATen ops the counter knows
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        m(torch.randn(1, 3, 224, 224))
     return float(fc.get_total_flops())
 
 

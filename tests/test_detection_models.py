@@ -79,17 +79,18 @@ def test_fpn_needs_features_only() -> None:
         DaViTFPN(davit.create_model("davit_tiny", **MICRO))
 
 
-@pytest.mark.parametrize("arch", ["mask_rcnn", "retinanet"])
+@pytest.mark.parametrize("arch", ["mask_rcnn", "faster_rcnn", "retinanet"])
 def test_losses_and_outputs(arch: str) -> None:
     model = _detector(arch)
-    images, targets = _targets(with_masks=arch == "mask_rcnn")
+    images, targets = _targets(with_masks=arch == "mask_rcnn")  # faster_rcnn: box-only targets
     model.train()
     losses = model(images, targets)
-    expected = (
-        {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
-        if arch == "mask_rcnn"
-        else {"classification", "bbox_regression"}
-    )
+    two_stage = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    expected = {
+        "mask_rcnn": two_stage | {"loss_mask"},
+        "faster_rcnn": two_stage,
+        "retinanet": {"classification", "bbox_regression"},
+    }[arch]
     assert set(losses) == expected
     assert all(v.ndim == 0 and torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
@@ -108,6 +109,8 @@ def test_losses_and_outputs(arch: str) -> None:
             assert 1 <= out["labels"].min() and out["labels"].max() <= 3
         if arch == "mask_rcnn":
             assert out["masks"].shape == (n, 1, *img.shape[1:])
+        else:
+            assert "masks" not in out
 
 
 def test_multiscale_transform_sizes() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -30,22 +32,28 @@ def test_fp32_matches_eager_at_several_sizes(tiny_model: davit.DaViT) -> None:
 
 def test_cpu_fast_path_runs_a_prepacked_snapshot_and_leaves_the_model_alone(tiny_model: davit.DaViT) -> None:
     x = torch.randn(2, 3, 64, 64)
+    same_kernels = copy.deepcopy(tiny_model)
+    davit.accelerate.install(same_kernels)  # the same oneDNN kernels, weights re-laid-out on every call
     with torch.inference_mode():
-        ref = tiny_model(x)  # same oneDNN kernels, weights re-laid-out per call
+        ref = same_kernels(x)
     fast = optimize(tiny_model)
     linears = [m for m in fast._runner.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(getattr(m, "packed_weight", None) is not None for m in linears)
     assert not any(hasattr(m, "packed_weight") for m in tiny_model.modules())  # the caller's model is untouched
-    assert torch.equal(fast(x), ref)  # pre-packing changes the layout, not the arithmetic
+    # pre-packing changes the layout, not the arithmetic: bit-identical on torch 2.14; torch 2.6's oneDNN may pick
+    # another kernel for the packed layout (differences ~1e-7)
+    torch.testing.assert_close(fast(x), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_inference_fast_path_matches_autograd_path(tiny_model: davit.DaViT) -> None:
-    # With grad enabled the model takes the plain F.linear path; without, the fused oneDNN path. Same numbers.
+def test_inference_fast_path_matches_the_reference(tiny_model: davit.DaViT) -> None:
+    # The caller's model runs the reference; optimize's copy runs davit.accelerate's fused kernels. Same numbers.
     x = torch.randn(2, 3, 96, 80)
     with_grad = tiny_model(x)
     assert with_grad.requires_grad
-    fast = optimize(tiny_model)(x)
-    assert _rel(fast, with_grad.detach()) < 1e-5
+    fast = optimize(tiny_model)
+    assert davit.accelerate.installed(fast._runner) is not None
+    assert davit.accelerate.installed(tiny_model) is None
+    assert _rel(fast(x), with_grad.detach()) < 1e-5
 
 
 @pytest.mark.skipif(not bf16_supported("cpu"), reason="CPU without native bfloat16")

@@ -42,7 +42,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_cli_run_writes_summary_with_top1_top5_and_examples(run: Path) -> None:
     s = json.loads((run / "summary.json").read_text())
-    for key in ("top1", "top5", "epochs", "seconds", "images_per_second", "best_top1"):
+    for key in ("top1", "top5", "steps", "best_step", "seconds", "images_per_second", "best_top1"):
         assert key in s, key
     assert 0 <= s["top1"] <= s["top5"] <= 100
     assert len(s["examples"]) == 8 and {"true", "predicted", "probability"} <= set(s["examples"][0])

@@ -6,10 +6,11 @@ next pass page-faults all of that memory back in, at about 1-5 us per 4 KiB page
 the process's resident memory (RSS) high. :func:`tune_cpu_allocator` sets, through ``mallopt`` in the running process,
 one of two policies:
 
-``"speed"`` (``davit.optimize``, the CPU training loop): large blocks come from the heap and freed memory stays mapped
-    for reuse, as ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<2 GB> MALLOC_TOP_PAD_=512M`` would. davit_tiny fp32
-    inference at batch 32: 15.0 images/s with glibc's defaults, 26.1 tuned (``benchmarks/bench.py``, section
-    ``alloc``). The price: the process keeps its memory high-water mark until it exits.
+``"speed"`` (the ``davit predict`` / ``eval`` / ``benchmark`` launchers, the CPU training loop): large blocks come
+    from the heap and freed memory stays mapped for reuse, as ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<2 GB>
+    MALLOC_TOP_PAD_=512M`` would. davit_tiny fp32 inference at batch 32: 15.0 images/s with glibc's defaults, 26.1
+    tuned (``benchmarks/bench.py``, section ``alloc``). The price: the process keeps its memory high-water mark
+    until it exits.
 ``"memory"`` (the CPU training loop with gradient checkpointing): every block over 1 MiB is mapped on its own and
     returned when freed (``MALLOC_MMAP_THRESHOLD_=1048576``: a fixed threshold also stops glibc's raising of it), so
     RSS follows the memory in use. davit_tiny fp32 training, batch 32, ``memory_saving="all"`` + checkpointing, fresh

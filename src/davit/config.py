@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .errors import UserError
+
 __all__ = [
     "ConfigError",
     "LoopConfig",
@@ -34,13 +36,16 @@ __all__ = [
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A recipe or override that does not fit the config schema; the message names the key and the fix."""
 
 
-def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_yaml(path: str | os.PathLike[str], _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a recipe, following ``_base_: other.yaml`` (relative to the file, a string or list) recursively."""
     p = Path(path)
+    if p.resolve() in _chain:
+        cycle = " -> ".join(str(c) for c in (*_chain, p.resolve()))
+        raise ConfigError(f"_base_ files include each other in a cycle ({cycle}); remove one of these _base_ entries")
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
@@ -52,7 +57,9 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     bases = data.pop("_base_", [])
     merged: dict[str, Any] = {}
     for base in [bases] if isinstance(bases, str) else bases:
-        merged = merge(merged, read_yaml(p.parent / base))
+        if not isinstance(base, str):
+            raise ConfigError(f"{p}: _base_ must be a file name or a list of them, not {base!r}")
+        merged = merge(merged, read_yaml(p.parent / base, (*_chain, p.resolve())))
     return merge(merged, data)
 
 
@@ -89,8 +96,13 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 
 
 def load_config(cls: type[T], path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> T:
-    """Build ``cls`` from its defaults, an optional YAML recipe and ``key=value`` overrides."""
+    """Build ``cls`` from its defaults, an optional YAML recipe and ``key=value`` overrides.
+
+    The low-level builder under :func:`davit.engine.run.load_run_config` (which also finds packaged recipes by name
+    and picks the task); a recipe's ``task:`` key is not a field and is dropped here.
+    """
     data = read_yaml(path) if path else {}
+    data.pop("task", None)
     data = merge(data, parse_overrides(overrides))
     return from_dict(cls, data)
 
@@ -193,11 +205,12 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
-def save_config(cfg: Any, path: str | os.PathLike[str]) -> Path:
-    """Write the resolved config as YAML."""
+def save_config(cfg: Any, path: str | os.PathLike[str], task: str | None = None) -> Path:
+    """Write the resolved config as YAML (with its ``task:`` key first when given, so it is a complete recipe)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    data = {"task": task, **to_dict(cfg)} if task else to_dict(cfg)
+    p.write_text(yaml.safe_dump(data, sort_keys=False))
     return p
 
 
@@ -217,6 +230,8 @@ class ModelConfig:
         num_classes: classifier outputs; ``None`` keeps the weights' count (or the dataset's for classification).
         reset_head: re-initialise the classifier even when the class count matches (fine-tuning to new classes).
         overrides: any :class:`davit.DaViTConfig` field, e.g. ``{drop_path_rate: 0.2, window_size: 12}``.
+        freeze: ``""`` trains everything; ``"backbone"`` freezes the DaViT's stem and every stage (a linear probe for
+            a classifier: only the head trains); ``"N"`` freezes the stem and the first N stages (1..4).
     """
 
     name: str = "davit_tiny"
@@ -224,6 +239,12 @@ class ModelConfig:
     num_classes: int | None = None
     reset_head: bool = False
     overrides: dict = dataclasses.field(default_factory=dict)
+    freeze: str = ""
+
+    def __post_init__(self) -> None:
+        f = str(self.freeze).strip().lower()
+        if f not in ("", "none", "backbone") and not (f.isdigit() and 0 <= int(f) <= 4):
+            raise ValueError(f"model.freeze must be '', 'backbone' or a stage count 0..4, got {self.freeze!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,6 +261,8 @@ class OptimConfig:
         no_decay_norm_bias: no weight decay on norms, biases and other 1-D parameters (and the model's
             ``no_weight_decay()`` names), as in the official recipe.
         grad_clip: clip the global gradient norm to this value (0 = off).
+        layer_decay: layer-wise lr decay for fine-tuning (BEiT/ConvNeXt style): the head keeps the lr, each DaViT
+            block below it gets ``layer_decay`` times the lr of the one above, the stem the smallest (1.0 = off).
     """
 
     name: str = "adamw"
@@ -250,8 +273,11 @@ class OptimConfig:
     eps: float = 1e-8
     no_decay_norm_bias: bool = True
     grad_clip: float = 0.0
+    layer_decay: float = 1.0
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"optim.layer_decay must be in (0, 1] (1 = off), got {self.layer_decay}")
         if self.name not in ("adamw", "sgd"):
             raise ValueError(f"optim.name must be adamw or sgd, got {self.name!r}")
         if self.lr <= 0 or self.lr_base_batch < 0 or self.weight_decay < 0 or self.grad_clip < 0:
@@ -304,8 +330,10 @@ class LoopConfig:
         amp: ``none`` | ``bf16`` | ``fp16`` autocast (fp16 uses a gradient scaler).
         channels_last: NHWC memory format for the model and the images.
         grad_checkpointing: recompute activations in the backward pass to save memory.
-        memory_saving: ``none`` | ``mlp`` | ``all``: DaViT branches that store fewer activations for the backward
-            pass at a few % of speed (``DaViT.set_memory_saving``); combines with ``grad_checkpointing``.
+        accelerate: train with :mod:`davit.accelerate`'s fused kernels installed (same results to rounding, faster
+            on the CPU); ``false`` (or ``DAVIT_ACCELERATE=0``) trains the reference modules.
+        memory_saving: ``none`` | ``mlp`` | ``all``: accelerated DaViT branches that store fewer activations for the
+            backward pass at a few % of speed (``davit.accelerate.Policy``); combines with ``grad_checkpointing``.
         cpu_allocator: glibc's malloc policy on the CPU (``davit.allocator``): ``speed`` keeps freed memory for
             reuse, ``memory`` returns it to the OS (lower peak RSS, slower steps), ``system`` leaves glibc's defaults,
             ``auto`` is ``memory`` with ``grad_checkpointing`` and ``speed`` without.
@@ -331,6 +359,7 @@ class LoopConfig:
     amp: str = "none"
     channels_last: bool = False
     grad_checkpointing: bool = False
+    accelerate: bool = True
     memory_saving: str = "none"
     cpu_allocator: str = "auto"
     ema: bool = False

@@ -3,13 +3,14 @@
 What it does, and why (measured on a 2-core AVX-512/AMX CPU with torch 2.14; ``benchmarks/bench.py`` measures it
 side by side with timm on any machine):
 
-- Eager CPU inference already takes the model's oneDNN path: bias, GELU and residual additions fused into the
-  Linear GEMMs and the depthwise position-encoding convs (no bias-broadcast copies, no separate GELU/add passes),
-  tokens kept channels-last so the convs need no layout copies. ``optimize`` switches to eval and drops autograd
-  (``torch.inference_mode``), which is what enables that path. On CPU without compile it runs a copy of the model
-  whose Linear weights are pre-packed in oneDNN's blocked layout (no per-call weight re-layout: batch-1 Linears
-  10-30% faster, bit-identical outputs); like compile's weight freezing this is a snapshot, so call ``optimize``
-  again after changing the weights.
+- ``optimize`` runs a copy of the model (the caller's model stays the reference, untouched) with
+  :mod:`davit.accelerate` installed: on the CPU, bias, GELU and residual additions fused into the Linear GEMMs and
+  the depthwise position-encoding convs (oneDNN epilogues: no bias-broadcast copies, no separate GELU/add passes),
+  SDPA window attention, the per-image channel attention on large fp32 maps; without autograd
+  (``torch.inference_mode``). On CPU without compile the copy's Linear weights are pre-packed in oneDNN's blocked
+  layout (no per-call weight re-layout: batch-1 Linears 10-30% faster, bit-identical outputs); like compile's weight
+  freezing this is a snapshot, so call ``optimize`` again after changing the weights. ``accelerate=False`` (or
+  ``DAVIT_ACCELERATE=0``) runs the reference modules instead.
 - bfloat16 (``dtype=torch.bfloat16``, only where the hardware has it natively: AVX512-BF16/AMX on CPU, CUDA compute
   >= 8.0): on CPU a bf16 copy of the weights is made once (half the fp32 size, milliseconds) and the whole network runs
   in bf16, which was ~30% faster than autocast (no per-call weight casts, half the activation traffic) at the same
@@ -23,9 +24,9 @@ side by side with timm on any machine):
   davit_tiny, 224x224 (``benchmarks/bench.py``, README "Speed"; an Intel Xeon with AMX / an AMD EPYC): batch-1
   latency -20-30% / -10-16%, batch-32 bf16 +10-15% / +6%, batch-32 fp32 +2-5% / +0%. Worth it for a server at
   fixed shapes; off by default on CPU because every new image size recompiles. On CUDA it is on by default.
-- On CPU it tunes glibc's allocator for the process (:func:`davit.allocator.tune_cpu_allocator`: freed activations
-  are kept for reuse instead of being page-faulted back in; batch-32 fp32 +40% here). The process
-  then keeps its memory high-water mark; ``tune_allocator=False`` or ``DAVIT_MALLOC_TUNING=0`` leaves it alone.
+- It changes no process-wide setting: the allocator policy (:func:`davit.allocator.tune_cpu_allocator`, batch-32
+  fp32 +40% here) belongs to the launcher (``davit predict``/``eval``/``benchmark`` set it) or to an explicit call;
+  compiler options are passed to this compile only (``torch.compile(options=...)``), not set globally.
 
 Numerics: the fp32 path is the eager model's arithmetic (oneDNN and the reference GEMMs agree to rounding; the timm
 parity tests run on it); bf16 logits are within ~1e-2 relative of fp32, as any bf16 inference.
@@ -41,23 +42,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .allocator import tune_cpu_allocator
-from .models.fused import prepack_linears
+from .accelerate import Policy, accelerate_enabled, install
+from .accelerate.compat import bf16_supported
+from .accelerate.kernels import prepack_linears
 
-__all__ = ["OptimizedModel", "bf16_supported", "optimize"]
+__all__ = ["OptimizedModel", "bf16_supported", "optimize"]  # bf16_supported re-exported from davit.accelerate
 
 log = logging.getLogger(__name__)
-
-
-def bf16_supported(device: torch.device | str = "cpu") -> bool:
-    """Whether ``device`` computes bfloat16 natively (CPU: AVX512-BF16 or AMX through oneDNN; CUDA: compute >= 8.0)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        with contextlib.suppress(AttributeError, RuntimeError):
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
 
 
 class OptimizedModel(nn.Module):
@@ -109,7 +100,8 @@ def optimize(
     example_input: Tensor | None = None,
     dtype: torch.dtype | str | None = None,
     compile: bool | None = None,
-    tune_allocator: bool = True,
+    accelerate: bool = True,
+    policy: Policy | None = None,
 ) -> OptimizedModel:
     """The fastest inference module for ``model`` on the machine it runs on.
 
@@ -124,7 +116,8 @@ def optimize(
             (used only where the hardware has native bf16; otherwise fp32 with a logged warning).
         compile: wrap in ``torch.compile``; default: on for CUDA, off for CPU (see the module notes). One-time cost
             ~20-30 s per input shape and dtype on 2 idle CPU cores; -20-30% batch-1 latency, +10-15% bf16 throughput.
-        tune_allocator: on CPU, keep freed memory for reuse (glibc; a process-wide setting, see the module notes).
+        accelerate: install :mod:`davit.accelerate` on the copy (False, or ``DAVIT_ACCELERATE=0``: the reference).
+        policy: the acceleration policy (default: detected for the device, mode "infer" or "compile").
 
     Returns:
         An :class:`OptimizedModel`: ``out = fast(x)`` gives float32 outputs (logits, or the list of feature maps).
@@ -144,35 +137,30 @@ def optimize(
     if dtype == torch.bfloat16 and not bf16_supported(device):
         log.warning("%s has no native bfloat16; optimize keeps float32", device)
         dtype = torch.float32
-    if tune_allocator and device.type == "cpu":
-        tune_cpu_allocator()
     if compile is None:
         compile = device.type == "cuda"
-    runner: Any = model
+    # A snapshot the fast path owns: the caller's model keeps running the reference, hooks and wrappers included.
+    runner: Any = copy.deepcopy(model).requires_grad_(False)
     autocast = False
     if dtype == torch.bfloat16:
         if device.type == "cpu":
-            runner = copy.deepcopy(model).to(torch.bfloat16).requires_grad_(False)
+            runner = runner.to(torch.bfloat16)
         else:
             autocast = True
-    if device.type == "cpu" and not compile:
-        # Eager CPU: pre-pack the Linear weights for oneDNN on optimize's own copy (a snapshot, like compile's
-        # freezing; the caller's model is left untouched).
-        if runner is model:
-            runner = copy.deepcopy(model).requires_grad_(False)
-        prepack_linears(runner)
+    if accelerate_enabled(accelerate):
+        mode = "compile" if compile else "infer"
+        n = install(runner, policy or Policy.detect(device, mode=mode))
+        if n and device.type == "cpu" and not compile:
+            prepack_linears(runner)
     if compile:
-        if device.type == "cpu":
-            import torch._inductor.config as inductor_config
-
-            # Freezing folds the (constant) weights into the graph and lets Inductor pre-pack them for oneDNN.
-            inductor_config.freezing = True
         if device.type == "cuda":
             runner = torch.compile(runner, mode="max-autotune-no-cudagraphs")
         else:
-            # The C++ wrapper calls the generated kernels and the oneDNN ops from C++ instead of a Python wrapper:
-            # batch-1 latency -10% in bf16 (21.2 -> 18.9 ms) and -5% in fp32, batch 32 -2%, for ~5 s more compiling.
-            runner = torch.compile(runner, options={"cpp_wrapper": True})
+            # Freezing folds the (constant) weights into the graph and lets Inductor pre-pack them for oneDNN; the C++
+            # wrapper calls the generated kernels and the oneDNN ops from C++ instead of a Python wrapper (batch-1
+            # latency -10% in bf16 (21.2 -> 18.9 ms) and -5% in fp32, batch 32 -2%, for ~5 s more compiling). Passed
+            # as this compile's options, so no global Inductor setting changes.
+            runner = torch.compile(runner, options={"freezing": True, "cpp_wrapper": True})
     fast = OptimizedModel(model, dtype, bool(compile), runner, autocast)
     if example_input is not None:
         _check(fast, model, example_input)

@@ -29,8 +29,10 @@ __all__ = [
     "Mixer",
     "build_classification_datasets",
     "build_mixup",
+    "collate_readable",
     "digits_split",
     "scan_image_folder",
+    "walk_files",
     "skipped_images",
 ]
 
@@ -132,12 +134,10 @@ def scan_image_folder(root: str | os.PathLike[str]) -> tuple[list[str], list[tup
     for idx, name in enumerate(classes):
         folder = root / name
         files, others = [], []
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for f in sorted(filenames):
-                if _ignored(f):
-                    continue
-                (files if is_image_file(f) else others).append(os.path.join(dirpath, f))
+        for f in walk_files(folder):
+            if _ignored(os.path.basename(f)):
+                continue
+            (files if is_image_file(f) else others).append(f)
         if others:
             raise ValueError(
                 f"class folder {folder} holds {len(others)} non-image file(s) ({_few(others)}); "
@@ -147,6 +147,73 @@ def scan_image_folder(root: str | os.PathLike[str]) -> tuple[list[str], list[tup
             raise ValueError(f"class folder {folder} is empty: it holds no images; add images or delete the folder")
         samples.extend((f, idx) for f in files)
     return classes, samples
+
+
+# A walk stops with an error past this many folders: a dataset is wide, not this deep in folders.
+MAX_WALK_DIRS = 200_000
+
+
+def walk_files(folder: str | os.PathLike[str], max_dirs: int = MAX_WALK_DIRS) -> list[str]:
+    """Every file under ``folder`` (sorted, hidden folders skipped), following symlinks but never around a loop.
+
+    A symlinked folder that leads back to one of its own ancestors (``loop -> ..``) or to a folder already walked is
+    skipped with a warning, so every real folder is read once: the walk is linear in the tree, never exponential.
+
+    Raises:
+        ValueError: more than ``max_dirs`` folders (the message names the root).
+    """
+    out: list[str] = []
+    seen: set[tuple[int, int]] = set()
+    warned = 0
+    # (path, real ancestors' ids): the ancestors tell a loop from a second link to the same folder
+    # The folders above the root count as ancestors too: a link to one of them (``loop -> ..``) would read the
+    # sibling folders (other classes) into this one.
+    above = set()
+    for parent in Path(folder).resolve().parents:
+        try:
+            pst = os.stat(parent)
+        except OSError:
+            continue
+        above.add((pst.st_dev, pst.st_ino))
+    seen.update(above)
+    stack: list[tuple[str, frozenset[tuple[int, int]]]] = [(os.fspath(folder), frozenset(above))]
+    while stack:
+        path, ancestors = stack.pop()
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            if warned < 3:
+                why = "a loop back to its own parent" if key in ancestors else "a second link to a folder already read"
+                log.warning("skipping %s: %s", path, why)
+            warned += 1
+            continue
+        seen.add(key)
+        if len(seen) - len(above) > max_dirs:
+            raise ValueError(
+                f"{folder} holds more than {max_dirs:,} folders (following symlinks): is a symlink pointing at a "
+                "large tree? Point the data at the image folders themselves"
+            )
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError as e:
+            raise ValueError(f"cannot list {path}: {e.strerror}; check its permissions") from e
+        subdirs = []
+        for e in entries:
+            try:
+                is_dir = e.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if not e.name.startswith("."):
+                    subdirs.append(e.path)
+            elif e.is_file() or not e.is_symlink():
+                out.append(e.path)
+            else:
+                log.warning("skipping %s: a broken symlink", e.path)
+        stack.extend((d, ancestors | {key}) for d in reversed(subdirs))
+    if warned > 3:
+        log.warning("skipped %d symlinked folders in %s in all (loops or repeated links)", warned, folder)
+    return out
 
 
 class ImageFolderDataset(Dataset):
@@ -161,6 +228,9 @@ class ImageFolderDataset(Dataset):
         transform: PIL RGB image -> tensor; None returns the PIL image.
         class_names: index classes by this list instead of the sorted folder names (every folder must be in it),
             e.g. to evaluate a checkpoint on a folder holding a subset of its classes.
+        substitute_unreadable: replace an unreadable file by the next readable one (training: the epoch keeps its
+            length). With False an unreadable item is returned as None; evaluation drops it with
+            :func:`collate_readable`, so every readable image is scored exactly once.
     """
 
     def __init__(
@@ -168,8 +238,10 @@ class ImageFolderDataset(Dataset):
         root: str | os.PathLike[str],
         transform: Callable[[Image.Image], Any] | None = None,
         class_names: Sequence[str] | None = None,
+        substitute_unreadable: bool = True,
     ) -> None:
         self.root = Path(root).expanduser()
+        self.substitute_unreadable = substitute_unreadable
         folder_classes, samples = scan_image_folder(self.root)
         if class_names is not None:
             index = {n: i for i, n in enumerate(class_names)}
@@ -197,8 +269,8 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        tries = min(_MAX_SKIP, len(self.samples))
+    def __getitem__(self, index: int) -> tuple[Any, int] | None:
+        tries = min(_MAX_SKIP, len(self.samples)) if self.substitute_unreadable else 1
         for step in range(tries):
             path, target = self.samples[(index + step) % len(self.samples)]
             try:
@@ -210,10 +282,20 @@ class ImageFolderDataset(Dataset):
                     log.warning("skipping unreadable image (%s); %d skipped so far", e, self.num_skipped)
                 continue
             return (self.transform(img) if self.transform is not None else img), target
+        if not self.substitute_unreadable:
+            return None
         raise ImageReadError(
             f"{tries} consecutive unreadable images in {self.root} from item {index}: the dataset looks corrupt; "
             "check the files (e.g. re-download or re-extract them)"
         )
+
+
+def collate_readable(batch: Sequence[tuple[Any, int] | None]) -> tuple[Tensor, Tensor] | None:
+    """Default collation of the readable items of ``batch`` (None for an all-unreadable batch)."""
+    from torch.utils.data import default_collate
+
+    items = [b for b in batch if b is not None]
+    return default_collate(items) if items else None
 
 
 # ----------------------------------------------------------------------------------------------------------- digits

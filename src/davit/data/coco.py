@@ -21,6 +21,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +29,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+
+from .image import ImageReadError, load_rgb
 
 __all__ = ["CocoDetection", "DetrCrop", "build_det_transforms", "detection_collate"]
 
@@ -127,20 +130,28 @@ class CocoDetection(Dataset):
             if verify and not _readable(path):
                 self._count("unreadable images", str(path))
                 continue
-            h, w = int(info.get("height", 0)), int(info.get("width", 0))
+            h, w = _int_or_zero(info.get("height")), _int_or_zero(info.get("width"))
             if h <= 0 or w <= 0:
-                with Image.open(path) as im:
-                    w, h = im.size
+                size = _header_size(path)
+                if size is None:
+                    self._count("unreadable images", str(path))
+                    continue
+                w, h = size
             rec = _Record(int(img_id), path, h, w)
             for ann in self.coco.imgToAnns.get(img_id, []):
                 if ann.get("category_id") not in self._label:
                     self._count("annotations of unknown categories", f"annotation {ann.get('id')}")
                     continue
                 bbox = ann.get("bbox")
-                if not bbox or len(bbox) != 4:
+                if isinstance(bbox, str):
+                    _bbox_numbers(None, ann, self.ann_file)  # raises: a string is a malformed file, not a gap
+                if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
                     self._count("annotations without a bbox", f"annotation {ann.get('id')}")
                     continue
-                x, y, bw, bh = (float(v) for v in bbox)
+                x, y, bw, bh = _bbox_numbers(bbox, ann, self.ann_file)
+                if not all(math.isfinite(v) for v in (x, y, bw, bh)):
+                    self._count("boxes with NaN or infinite coordinates", f"annotation {ann.get('id')} in {path.name}")
+                    continue
                 # Clip to the image first: a box that only lies outside it is as degenerate as one of zero size.
                 x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + bw, w), min(y + bh, h)
                 if x2 - x1 <= 0 or y2 - y1 <= 0:
@@ -163,6 +174,11 @@ class CocoDetection(Dataset):
         return len(self.records)
 
     @property
+    def has_masks(self) -> bool:
+        """Whether any kept annotation carries a ``segmentation`` (else Mask R-CNN would learn box masks)."""
+        return any(a.get("segmentation") for r in self.records for a in r.anns)
+
+    @property
     def image_ids(self) -> list[int]:
         """COCO ids of the images kept, in dataset order."""
         return [r.image_id for r in self.records]
@@ -172,10 +188,9 @@ class CocoDetection(Dataset):
         """The RGB image of sample ``index``; a decoding failure names the file."""
         rec = self.records[index]
         try:
-            with Image.open(rec.path) as im:
-                return im.convert("RGB")
-        except (OSError, UnidentifiedImageError) as e:
-            raise ValueError(f"cannot decode image {rec.path}: {e}; remove it from {self.ann_file.name}") from e
+            return load_rgb(rec.path)
+        except ImageReadError as e:
+            raise ImageReadError(f"{e}; remove it from {self.ann_file.name}") from None
 
     def __getitem__(self, index: int) -> tuple[Tensor, Target]:
         rec = self.records[index]
@@ -235,11 +250,69 @@ def _load_coco(path: Path) -> COCO:
         raise ValueError(f"{path} is not a COCO instances file: it needs 'images', 'annotations' and 'categories'")
     data.setdefault("annotations", [])
     data.setdefault("categories", [])
+    _check_coco(data, path)
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
+
+
+def _check_coco(data: dict[str, Any], path: Path) -> None:
+    """The structure pycocotools indexes without checking: lists of objects with ids. Annotations without an id get
+    one (a warning says how many): COCOeval needs them, the user rarely cares."""
+    for key, needs_id in (("images", True), ("annotations", False), ("categories", True)):
+        items = data[key]
+        if not isinstance(items, list):
+            raise ValueError(
+                f"{path}: '{key}' is a {type(items).__name__}, it must be a list of objects "
+                f'(e.g. "{key}": [{{"id": 1, ...}}])'
+            )
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise ValueError(f"{path}: {key}[{i}] is a {type(item).__name__}, not an object")
+            if needs_id and not isinstance(item.get("id"), (int, str)):
+                raise ValueError(f"{path}: {key}[{i}] has no 'id'; every entry of '{key}' needs a unique id")
+    anns = data["annotations"]
+    for i, ann in enumerate(anns):
+        if not isinstance(ann.get("image_id"), (int, str)):
+            raise ValueError(f"{path}: annotations[{i}] has no 'image_id' (the id of the image it belongs to)")
+    missing = [a for a in anns if not isinstance(a.get("id"), (int, str))]
+    if missing:
+        taken = {a["id"] for a in anns if isinstance(a.get("id"), int)}
+        next_id = max(taken, default=0) + 1
+        for a in missing:
+            a["id"] = next_id
+            next_id += 1
+        log.warning(
+            "%s: %d annotations have no 'id'; numbered them from %d", path.name, len(missing), max(taken, default=0) + 1
+        )
+
+
+def _int_or_zero(v: Any) -> int:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _bbox_numbers(bbox: Sequence[Any] | None, ann: dict[str, Any], ann_file: Path) -> tuple[float, float, float, float]:
+    try:
+        x, y, w, h = (float(v) for v in bbox)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{ann_file}: annotation {ann.get('id')} (image {ann.get('image_id')}) has bbox {ann.get('bbox')!r}; "
+            "a COCO bbox is [x, y, width, height] as numbers"
+        ) from None
+    return x, y, w, h
+
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception:  # PIL raises many types for broken files; any of them means "skip this one"
+        return None
 
 
 def _readable(path: Path) -> bool:

@@ -8,12 +8,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "is_image_file", "load_rgb", "to_rgb"]
+from ..errors import UserError
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "check_image_header", "is_image_file", "load_rgb", "to_rgb"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
-class ImageReadError(ValueError):
+class ImageReadError(UserError):
     """An image file that is missing, truncated, corrupt or not an image; the message names the file."""
 
 
@@ -39,6 +41,23 @@ def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
             im.load()
             return to_rgb(im)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, struct.error...
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ImageReadError(f"cannot read image {p}: {msg}") from e
+
+
+def check_image_header(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """Open ``path``'s header only (cheap: no pixels decoded) and return its ``(width, height)``.
+
+    Raises:
+        ImageReadError: the file is missing, not an image, or a decompression bomb (the message names the file).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ImageReadError(f"image not found: {p}" if not p.exists() else f"{p} is not a file")
+    try:
+        with Image.open(p) as im:
+            return im.size
+    except Exception as e:  # see load_rgb
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ImageReadError(f"cannot read image {p}: {msg}") from e
 

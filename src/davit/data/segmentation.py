@@ -24,10 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
+
+from .image import ImageReadError, load_rgb
 
 __all__ = [
     "ADE20K_CLASSES",
@@ -72,12 +74,12 @@ ADE20K_CLASSES = (
 
 # ---------------------------------------------------------------------------------------------------- reading
 def load_image(path: str | Path) -> Tensor:
-    """Read an image as uint8 RGB ``(3, H, W)``; an unreadable file raises a ValueError naming it."""
+    """Read an image as uint8 RGB ``(3, H, W)``; an unreadable file (or a decompression bomb) raises an
+    :class:`ImageReadError` naming it."""
     try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError, SyntaxError) as e:
-        raise ValueError(f"cannot read image {path}: {e}. Remove or replace the file") from e
+        arr = np.asarray(load_rgb(path))
+    except ImageReadError as e:
+        raise ImageReadError(f"{e}. Remove or replace the file") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
 
 
@@ -90,8 +92,10 @@ def _load_mask(path: Path) -> np.ndarray:
                     "pixel), not colour visualisations"
                 )
             arr = np.asarray(im)
-    except (OSError, UnidentifiedImageError, SyntaxError) as e:
-        raise ValueError(f"cannot read mask {path}: {e}. Remove or replace the file") from e
+    except ValueError:
+        raise
+    except Exception as e:  # OSError, SyntaxError, DecompressionBombError, ...: PIL has many
+        raise ImageReadError(f"cannot read mask {path}: {e}. Remove or replace the file") from e
     return arr.astype(np.int64)
 
 
@@ -133,7 +137,7 @@ def _header_size(path: Path) -> tuple[int, int] | None:
     try:
         with Image.open(path) as im:
             return im.size
-    except (OSError, UnidentifiedImageError, SyntaxError):
+    except Exception:  # OSError, SyntaxError, DecompressionBombError, ...: the caller skips the file
         return None
 
 

@@ -69,7 +69,18 @@ def restore_rng(state: Mapping[str, Any]) -> None:
 def save_training_state(path: str | os.PathLike[str], state: Mapping[str, Any]) -> Path:
     """Write ``state`` (tensors and plain containers) to ``path`` atomically."""
     payload = {"format": FORMAT, **state}
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp), size_hint=_nbytes(payload))
+
+
+def _nbytes(obj: Any) -> int:
+    """Bytes of the tensors inside nested containers (what a save of ``obj`` needs, give or take its index)."""
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
 
 
 def load_training_state(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -12,11 +12,12 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,11 +25,16 @@ from torch import Tensor, nn
 __all__ = [
     "LoadedClassifier",
     "autocast",
+    "check_device",
     "evaluate_classifier",
     "evaluate_imagefolder",
+    "format_per_class_table",
     "load_classifier",
     "maybe_optimize",
+    "per_class_report",
+    "plot_confusion_matrix",
     "resolve_device",
+    "write_class_report",
 ]
 
 log = logging.getLogger(__name__)
@@ -113,14 +119,39 @@ def autocast(device: torch.device, amp: str | bool) -> contextlib.AbstractContex
 
 
 def resolve_device(device: torch.device | str | None, model: nn.Module | None = None) -> torch.device:
-    """``"auto"``/None -> the model's device, else CUDA when available, else CPU."""
+    """``"auto"``/None -> the model's device, else CUDA when available, else CPU.
+
+    Raises:
+        UserError: a device name torch does not know, or a CUDA/MPS device on a machine without one.
+    """
     if device is not None and str(device) != "auto":
-        return torch.device(device)
+        return check_device(device)
     if model is not None:
         p = next(iter(model.parameters()), None)
         if p is not None and device is None:
             return p.device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_device(device: torch.device | str) -> torch.device:
+    """``device`` as a ``torch.device`` that exists on this machine, or a :class:`UserError` saying which do."""
+    from ..errors import UserError
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UserError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N (e.g. --device cpu)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device} asked for but this machine has no usable CUDA GPU; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise UserError(f"device {device} does not exist: this machine has {n} GPU(s), cuda:0..cuda:{n - 1}")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UserError(f"device {device} asked for but MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps", "xpu", "meta"):
+        raise UserError(f"device {device} is not supported by davit; use auto, cpu, cuda or cuda:N")
+    return dev
 
 
 # ------------------------------------------------------------------------------------------------ loading a model
@@ -188,6 +219,9 @@ def load_classifier(
             path = Path(path).expanduser()
             if not path.exists():
                 raise FileNotFoundError(f"checkpoint not found: {path}")
+            from .run import check_task
+
+            check_task(path, "cls")
             meta = _checkpoint_metadata(path)
             if not model and "davit_config" not in meta:
                 raise ValueError(f"{path} does not record its architecture: pass --model (e.g. --model davit_tiny)")
@@ -298,6 +332,7 @@ def evaluate_imagefolder(
     device: torch.device | str | None = "auto",
     amp: str | bool = "none",
     optimize: bool = True,
+    report_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Top-1/top-5 of a classifier on an ImageFolder with the weights' own preprocessing.
 
@@ -311,13 +346,15 @@ def evaluate_imagefolder(
         img_size: evaluate at this side instead of the weights' own (``crop_pct`` kept).
         device, amp: where and in which precision to run.
         optimize: run through ``davit.optimize`` when available.
+        report_dir: also write ``per_class.csv`` and ``confusion_matrix.png`` there (see :func:`per_class_report`)
+            and add ``per_class`` rows and ``report`` paths to the result.
 
     Returns:
         The metrics of :func:`evaluate_classifier` plus ``skipped`` (unreadable images), ``model`` and ``data``.
     """
     from torch.utils.data import DataLoader
 
-    from ..data.classification import ImageFolderDataset, scan_image_folder, skipped_images
+    from ..data.classification import ImageFolderDataset, collate_readable, scan_image_folder, skipped_images
 
     root = Path(root).expanduser()
     if not root.exists():
@@ -336,14 +373,24 @@ def evaluate_imagefolder(
             "a checkpoint that records its class names"
         )
     tf = loaded.transform(img_size)
-    ds = ImageFolderDataset(root, tf, class_names=loaded.class_names if by_name else None)
+    # Unreadable files are dropped, not replaced by a neighbour (which training does): each readable image counts once.
+    ds = ImageFolderDataset(root, tf, class_names=loaded.class_names if by_name else None, substitute_unreadable=False)
     dev = resolve_device(device)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=dev.type == "cuda")
+    loader = DataLoader(
+        ds, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=dev.type == "cuda",
+        collate_fn=collate_readable,
+    )  # fmt: skip
     side = img_size or int(loaded.preprocessing["img_size"])
     example = torch.zeros(1, 3, side, side, device=dev)
     net = maybe_optimize(loaded.model, example, enabled=optimize)
-    metrics: dict[str, Any] = dict(evaluate_classifier(net, _progress(loader, len(ds)), device=dev, amp=amp))
+    batches: Iterable[Any] = _progress(loader, len(ds))
+    recorder = _PredictionRecorder(net) if report_dir is not None else None
+    if recorder is not None:
+        net, batches = recorder, recorder.record(batches)
+    metrics: dict[str, Any] = dict(evaluate_classifier(net, batches, device=dev, amp=amp))
     metrics.update(skipped=skipped_images(ds), model=loaded.source, data=str(root), img_size=side)
+    if recorder is not None:
+        metrics.update(write_class_report(*recorder.result(), loaded.class_names, report_dir))
     return metrics
 
 
@@ -351,12 +398,171 @@ def _progress(loader: Iterable[Any], total_images: int) -> Iterator[Any]:
     """A tqdm bar over the loader when stderr is a terminal."""
     import sys
 
+    batches = (b for b in loader if b is not None)  # None: a batch of unreadable images only
     if not sys.stderr.isatty():
-        yield from loader
+        yield from batches
         return
     from tqdm import tqdm
 
     with tqdm(total=total_images, unit="img", desc="eval", leave=False) as bar:
-        for batch in loader:
+        for batch in batches:
             yield batch
             bar.update(len(batch[1]))
+
+
+# --------------------------------------------------------------------------------- per-class table, confusion matrix
+class _PredictionRecorder(nn.Module):
+    """Wraps a classifier to keep each batch's top-1 class (and, through :meth:`record`, its targets).
+
+    It lets :func:`evaluate_classifier` compute its figures in the same single pass that feeds the per-class report.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.preds: list[Tensor] = []
+        self.targets: list[Tensor] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.model(x)
+        self.preds.append(logits.argmax(dim=1).cpu())
+        return logits
+
+    def record(self, batches: Iterable[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
+        for images, targets in batches:
+            self.targets.append(torch.as_tensor(targets).reshape(-1).cpu())
+            yield images, targets
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        """``(targets, predictions)``, one entry per evaluated image."""
+        return torch.cat(self.targets).long(), torch.cat(self.preds).long()
+
+
+def per_class_report(
+    targets: Tensor | Sequence[int], preds: Tensor | Sequence[int], class_names: Sequence[str]
+) -> tuple[list[dict[str, Any]], Any, list[int]]:
+    """Per-class accuracy and the confusion matrix of top-1 predictions.
+
+    Args:
+        targets: true class index per image.
+        preds: predicted (top-1) class index per image.
+        class_names: one name per model output.
+
+    Returns:
+        ``(rows, matrix, labels)``: one row per class present in ``targets`` (``class``, ``index``, ``images``,
+        ``correct``, ``accuracy`` = recall in percent, ``precision`` in percent or None when never predicted,
+        ``top_confusion``: the class its images were most often mistaken for, or None); ``matrix[i, j]`` counts
+        images of ``labels[i]`` predicted as ``labels[j]``, over the classes that occur as a target or a prediction.
+    """
+    from sklearn.metrics import confusion_matrix
+
+    t = np.asarray(torch.as_tensor(targets).cpu(), dtype=np.int64).reshape(-1)
+    p = np.asarray(torch.as_tensor(preds).cpu(), dtype=np.int64).reshape(-1)
+    if t.shape != p.shape:
+        raise ValueError(f"{t.size} targets but {p.size} predictions")
+    labels = sorted(set(t.tolist()) | set(p.tolist()))
+    cm = confusion_matrix(t, p, labels=labels)  # (L, L) rows = truth
+    present = set(t.tolist())
+    rows = []
+    for i, k in enumerate(labels):
+        if k not in present:
+            continue
+        n, hit, predicted = int(cm[i].sum()), int(cm[i, i]), int(cm[:, i].sum())
+        off = cm[i].copy()
+        off[i] = 0
+        rows.append(
+            {
+                "class": class_names[k] if k < len(class_names) else str(k),
+                "index": int(k),
+                "images": n,
+                "correct": hit,
+                "accuracy": 100.0 * hit / n,
+                "precision": 100.0 * hit / predicted if predicted else None,
+                "top_confusion": class_names[labels[int(off.argmax())]] if off.any() else None,
+            }
+        )
+    return rows, cm, labels
+
+
+def plot_confusion_matrix(
+    matrix: Any, names: Sequence[str], path: str | os.PathLike[str], title: str = "confusion matrix"
+) -> Path:
+    """Write the confusion matrix as a PNG: rows (truth) normalised to fractions, counts in the cells when small.
+
+    Up to 30 classes get their names on both axes and the count in every non-empty cell; up to 80, names only;
+    beyond that (ImageNet's 1000), a heat map without names, where the diagonal and off-diagonal clusters still show.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(matrix, dtype=np.float64)
+    k = cm.shape[0]
+    frac = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    side = float(min(max(4.0, 0.35 * k + 2.5), 14.0))
+    fig, ax = plt.subplots(figsize=(side + 1.2, side), dpi=100)
+    im = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if k <= 80:
+        ticks = np.arange(k)
+        size = 9 if k <= 30 else 6
+        ax.set_xticks(ticks, [str(n) for n in names], rotation=90, fontsize=size)
+        ax.set_yticks(ticks, [str(n) for n in names], fontsize=size)
+    if k <= 30:
+        for i, j in zip(*np.nonzero(cm)):
+            colour = "white" if frac[i, j] > 0.5 else "black"
+            ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", color=colour, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def write_class_report(
+    targets: Tensor, preds: Tensor, class_names: Sequence[str], out_dir: str | os.PathLike[str]
+) -> dict[str, Any]:
+    """Write ``per_class.csv`` and ``confusion_matrix.png`` into ``out_dir``.
+
+    Returns:
+        ``{"per_class": rows, "report": {"per_class": csv path, "confusion_matrix": png path}}``.
+    """
+    import csv
+
+    rows, cm, labels = per_class_report(targets, preds, class_names)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "per_class.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["class"])
+        writer.writeheader()
+        writer.writerows(rows)
+    names = [class_names[k] if k < len(class_names) else str(k) for k in labels]
+    png = plot_confusion_matrix(
+        cm, names, out / "confusion_matrix.png", title=f"confusion matrix ({len(targets)} images)"
+    )
+    return {"per_class": rows, "report": {"per_class": str(csv_path), "confusion_matrix": str(png)}}
+
+
+def format_per_class_table(rows: Sequence[Mapping[str, Any]], limit: int = 30) -> str:
+    """The per-class rows as an aligned text table; with more than ``limit`` classes, the ``limit`` worst."""
+    shown = sorted(rows, key=lambda r: (r["accuracy"], r["class"]))[:limit] if len(rows) > limit else list(rows)
+    width = max([len("class")] + [len(str(r["class"])) for r in shown])
+    lines = []
+    if len(rows) > limit:
+        lines.append(f"the {limit} classes with the lowest accuracy of {len(rows)}:")
+    lines.append(
+        f"{'class':<{width}}  {'images':>6}  {'correct':>7}  {'accuracy':>8}  {'precision':>9}  most confused with"
+    )
+    for r in shown:
+        prec = f"{r['precision']:.1f}" if r["precision"] is not None else "-"
+        lines.append(
+            f"{r['class']:<{width}}  {r['images']:>6}  {r['correct']:>7}  {r['accuracy']:>8.1f}  {prec:>9}  "
+            f"{r['top_confusion'] or '-'}"
+        )
+    return "\n".join(lines)

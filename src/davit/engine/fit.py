@@ -37,9 +37,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
+from ..accelerate import accelerate_enabled, install
 from ..allocator import tune_cpu_allocator
 from ..config import ConfigError, save_config, to_dict
-from ..weights import atomic_write
+from ..errors import LoaderWorkerError
+from ..weights import atomic_write, remove_stale_temps
 from .checkpoint import (
     capture_rng,
     load_training_state,
@@ -59,7 +61,7 @@ from .distributed import (
     wrap_model,
 )
 from .ema import ModelEMA
-from .optim import build_optimizer, default_param_groups, scaled_lr
+from .optim import build_optimizer, default_param_groups, freeze, scaled_lr
 from .schedule import LRSchedule, build_schedule
 from .task import Task
 
@@ -176,8 +178,22 @@ class _SeededDataset(Dataset):
 
 
 def _worker_init(_: int) -> None:
-    # Ctrl-C reaches the whole process group; workers ignore it so the main process can finish its step and save.
+    # Ctrl-C and a scheduler's SIGTERM (Slurm, Kubernetes, systemd signal the whole process group) reach the workers
+    # too; they ignore both so the main process can finish its step and save. The loader still stops them (it tells
+    # them to exit, and each watches the main process).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _is_worker_death(e: BaseException) -> bool:
+    """A DataLoader worker killed by a signal or the OOM killer (torch raises a RuntimeError naming its pid)."""
+    text = str(e)
+    return isinstance(e, RuntimeError) and "DataLoader worker" in text and ("killed" in text or "exited" in text)
 
 
 def move_to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
@@ -269,6 +285,7 @@ class _Run:
         self.out = Path(cfg.out)
         self.device = info.device
         self.p = _Progress()
+        self.task_name = _task_name(cfg)
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _setup_logging(self) -> contextlib.ExitStack:
@@ -311,6 +328,17 @@ class _Run:
                 "than with glibc's defaults, steps ~20-40%% faster; train.cpu_allocator=memory trades the other way"
             )
 
+    def _accelerate(self, model: nn.Module) -> None:
+        """Install davit.accelerate's training kernels on the model (train.accelerate, train.memory_saving)."""
+        tc = self.tc
+        if tc.memory_saving != "none" and not accelerate_enabled(tc.accelerate):
+            raise ConfigError("train.memory_saving needs the accelerated modules; set train.accelerate=true")
+        n = install(model, mode="train", memory_saving=tc.memory_saving, enabled=tc.accelerate)
+        if tc.memory_saving != "none" and n == 0:
+            name = type(model).__name__
+            raise ConfigError(f"{name} has no DaViT blocks to save memory in; set train.memory_saving=none")
+        log.debug("accelerated %d DaViT modules for training", n)
+
     def _build(self) -> None:
         tc, info = self.tc, self.info
         if tc.epochs <= 0 and tc.iters <= 0:
@@ -326,18 +354,17 @@ class _Run:
         # Same seed on every rank while building: identical initial weights (FSDP shards them without a broadcast).
         _seed_all(tc.seed)
         model = self.task.build_model()
+        model_cfg = getattr(self.cfg, "model", None)
+        if getattr(model_cfg, "freeze", ""):
+            freeze(model, model_cfg.freeze)
         self.n_params = sum(p.numel() for p in model.parameters())
         if tc.grad_checkpointing:
             if not hasattr(model, "set_grad_checkpointing"):
                 name = type(model).__name__
                 raise ConfigError(f"{name} has no set_grad_checkpointing(); set train.grad_checkpointing=false")
             model.set_grad_checkpointing(True)
-        if tc.memory_saving != "none":
-            if not hasattr(model, "set_memory_saving"):
-                name = type(model).__name__
-                raise ConfigError(f"{name} has no set_memory_saving(); set train.memory_saving=none")
-            model.set_memory_saving(tc.memory_saving)
         model.to(self.device)
+        self._accelerate(model)
         if tc.channels_last:
             model.to(memory_format=torch.channels_last)
         self.ema = ModelEMA(model, tc.ema_decay) if tc.ema else None
@@ -403,7 +430,7 @@ class _Run:
         self.class_names = getattr(self.task, "class_names", None)
         log.info(
             "%s: %s params | %d train / %s val items | %d process(es) x batch %d x accum %d = global batch %d | "
-            "lr %.3g (%.3g per %d) | %d steps (%d per epoch) | device %s, amp %s",
+            "lr %.3g (%s) | %d steps (%d per epoch) | device %s, amp %s",
             type(self.raw).__name__,
             f"{self.n_params:,}",
             len(train_ds),
@@ -413,8 +440,9 @@ class _Run:
             tc.accum_steps,
             self.global_batch,
             self.lr,
-            self.cfg.optim.lr,
-            self.cfg.optim.lr_base_batch,
+            f"{self.cfg.optim.lr:.3g} per {self.cfg.optim.lr_base_batch} images"
+            if self.cfg.optim.lr_base_batch > 0
+            else "not scaled with the batch",
             self.total_steps,
             self.steps_per_epoch,
             self.device,
@@ -475,8 +503,14 @@ class _Run:
             set_model_state_dict(self.model, state["model"], options=opts)
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
         else:
-            self.raw.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            try:
+                self.raw.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise ConfigError(
+                    f"{path} was saved by a run with another model or optimizer ({_first_line(e)}): resume with the "
+                    "config that run used (its config.yaml), or start a new run (another out=, no --resume)"
+                ) from None
         self.sched.load_state_dict(state["scheduler"])
         if self.ema is not None:
             if "ema" not in state:
@@ -504,8 +538,12 @@ class _Run:
         return self._full_model_state(self.ema.module if self.ema is not None else None)
 
     def _save(self, best: bool = False) -> None:
-        """``last.pt`` + ``last.safetensors`` (+ ``best.safetensors``); collective: every rank calls it."""
+        """``last.pt`` + ``last.safetensors`` (+ ``best.safetensors``); collective: every rank calls it.
+
+        A state with non-finite weights is never saved: the previous ``last.pt`` stays the last good one.
+        """
         model_state = self._full_model_state()
+        self._check_finite({}, model_state)
         if self.info.mode == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -532,7 +570,15 @@ class _Run:
                 state["ema"] = self.ema.state_dict()
             save_training_state(self.out / "last.pt", state)
             extra = self.task.weights_metadata() if hasattr(self.task, "weights_metadata") else {}  # type: ignore[attr-defined]
-            meta = weights_metadata(self.raw, self.class_names, epoch=self.p.epoch, step=self.p.step, **extra)
+            model_cfg = getattr(self.cfg, "model", None)
+            if getattr(model_cfg, "name", None):
+                extra.setdefault("model_name", model_cfg.name)
+            # The task and the whole resolved config make the file self-describing: info, eval, predict and export
+            # need nothing else (config_for_checkpoint reads them back).
+            meta = weights_metadata(
+                self.raw, self.class_names, epoch=self.p.epoch, step=self.p.step,
+                config=json.dumps(to_dict(self.cfg)), **({"task": self.task_name} if self.task_name else {}), **extra,
+            )  # fmt: skip
             save_weights(self.out / "last.safetensors", weights, meta)
             if best:
                 save_weights(self.out / "best.safetensors", weights, meta)
@@ -540,11 +586,16 @@ class _Run:
 
     # ------------------------------------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"the run folder {self.out} is a file; pass --out (out=) a folder path")
         with self._setup_logging() as stack:
             stack.callback(torch.set_num_threads, torch.get_num_threads())
             if self.info.is_main:
                 self.out.mkdir(parents=True, exist_ok=True)
-                atomic_write(self.out / "config.yaml", lambda tmp: save_config(self.cfg, tmp))
+                # Saves killed mid-write leave their temporary files (as large as last.pt): the run owns them.
+                for stale in remove_stale_temps(self.out):
+                    log.info("removed %s, left by an interrupted save", stale)
+                atomic_write(self.out / "config.yaml", lambda tmp: save_config(self.cfg, tmp, task=self.task_name))
             if self.info.mode != "none":
                 i = self.info
                 log.info("distributed: %s, rank %d/%d on %s (%s)", i.mode, i.rank, i.world_size, i.device, i.backend)
@@ -581,44 +632,63 @@ class _Run:
             unit="step",
         )
         self.model.train()
-        self._stop, self._stopping = stop, False
+        self._stop, self._stopping, self._in_eval = stop, False, False
         self._t0, self._sec0 = time.perf_counter(), p.seconds
         try:
-            while p.step < self.total_steps:
-                self.sampler.set_epoch(p.epoch, start=p.batch * tc.batch_size)
-                remaining = self.steps_per_epoch * tc.accum_steps - p.batch
-                bar.set_description(f"epoch {p.epoch + 1}" + (f"/{tc.epochs}" if tc.epochs else ""))
-                t_steps = time.perf_counter()
-                for batch in itertools.islice(self.loader, remaining):
-                    if not self._micro_step(batch):
-                        continue
-                    p.train_seconds += time.perf_counter() - t_steps
-                    bar.update(1)
-                    if p.step % 10 == 0 or p.step == self.total_steps:
-                        bar.set_postfix(loss=f"{float(self._last_loss):.4f}", lr=f"{self._last_lr:.2e}")
-                    if p.step % tc.log_every == 0:
-                        log.info(
-                            "epoch %d step %d/%d loss %.4f lr %.3e",
-                            p.epoch + 1, p.step, self.total_steps, float(self._last_loss), self._last_lr,
-                        )  # fmt: skip
-                        self.loggers.log_interval(p.step, float(self._last_loss), self._last_lr, p.train_images)
-                    if self._stopping:
-                        self._tick()
-                        self._save()
-                        return True
-                    if not tc.epochs and (p.step % tc.eval_every == 0 or p.step == self.total_steps):
-                        self._record(evaluate=True)
-                    if p.step >= self.total_steps:
-                        break
-                    t_steps = time.perf_counter()
-                if p.batch >= self.steps_per_epoch * tc.accum_steps:
-                    p.epoch += 1
-                    p.batch = 0
-                    if tc.epochs:
-                        self._record(evaluate=p.epoch % tc.eval_every == 0 or p.epoch == tc.epochs)
+            self._loop_steps(bar)
+        except RuntimeError as e:
+            if not _is_worker_death(e):
+                raise
+            # Between optimizer steps of the training loader the state is whole: keep the work done since the last
+            # save (an evaluation cut short is not: its row is missing; other ranks cannot join a save either).
+            saved = p.batch % tc.accum_steps == 0 and p.step > 0 and not self._in_eval and self.info.mode == "none"
+            if saved:
+                self._tick()
+                self._save()
+            where = f"saved {self.out / 'last.pt'} at step {p.step}" if saved else self._last_good()
+            raise LoaderWorkerError(
+                f"a data loader worker died ({_first_line(e)}): it was killed, or ran out of memory (lower "
+                f"train.workers or train.batch_size); {where}; resume with --resume"
+            ) from None
         finally:
             bar.close()
-        return False
+        return self._stopping
+
+    def _loop_steps(self, bar: Any) -> None:
+        """The steps until the end of training or a stop request (``self._stopping``, saved already)."""
+        tc, p = self.tc, self.p
+        while p.step < self.total_steps:
+            self.sampler.set_epoch(p.epoch, start=p.batch * tc.batch_size)
+            remaining = self.steps_per_epoch * tc.accum_steps - p.batch
+            bar.set_description(f"epoch {p.epoch + 1}" + (f"/{tc.epochs}" if tc.epochs else ""))
+            t_steps = time.perf_counter()
+            for batch in itertools.islice(self.loader, remaining):
+                if not self._micro_step(batch):
+                    continue
+                p.train_seconds += time.perf_counter() - t_steps
+                bar.update(1)
+                if p.step % 10 == 0 or p.step == self.total_steps:
+                    bar.set_postfix(loss=f"{float(self._last_loss):.4f}", lr=f"{self._last_lr:.2e}")
+                if p.step % tc.log_every == 0:
+                    log.info(
+                        "epoch %d step %d/%d loss %.4f lr %.3e",
+                        p.epoch + 1, p.step, self.total_steps, float(self._last_loss), self._last_lr,
+                    )  # fmt: skip
+                    self.loggers.log_interval(p.step, float(self._last_loss), self._last_lr, p.train_images)
+                if self._stopping:
+                    self._tick()
+                    self._save()
+                    return
+                if not tc.epochs and (p.step % tc.eval_every == 0 or p.step == self.total_steps):
+                    self._record(evaluate=True)
+                if p.step >= self.total_steps:
+                    break
+                t_steps = time.perf_counter()
+            if p.batch >= self.steps_per_epoch * tc.accum_steps:
+                p.epoch += 1
+                p.batch = 0
+                if tc.epochs:
+                    self._record(evaluate=p.epoch % tc.eval_every == 0 or p.epoch == tc.epochs)
 
     def _tick(self) -> None:
         """Bring ``seconds`` up to now (wall-clock across resumes)."""
@@ -659,8 +729,7 @@ class _Run:
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(
                 f"the loss is {self._bad_loss:g} at step {p.step + 1} (epoch {p.epoch + 1}, lr {self._last_lr:.3g}); "
-                f"stopped without saving it. The last good state is {self.out / 'last.pt'}: lower optim.lr, set "
-                "optim.grad_clip, or use train.amp=bf16 instead of fp16, then resume with --resume"
+                f"stopped without saving it. {self._last_good()}"
             )
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
@@ -673,6 +742,33 @@ class _Run:
             self.ema.update(self.raw)
         p.step += 1
         return True
+
+    def _last_good(self) -> str:
+        """Where the last good state is and what to do, for the messages of a diverged run."""
+        fix = "lower optim.lr, set optim.grad_clip, or use train.amp=bf16 instead of fp16"
+        last = self.out / "last.pt"
+        if last.is_file():
+            return f"The last good state is {last}: {fix}, then resume with --resume"
+        return f"No checkpoint was saved yet (the run diverged before its first save): {fix}, then start again"
+
+    def _check_finite(self, metrics: Mapping[str, float], model_state: Mapping[str, Tensor] | None = None) -> None:
+        """Refuse to save or rank a diverged state: non-finite weights, or a non-finite evaluation loss."""
+        where = f"after step {self.p.step} (epoch {self.p.epoch + 1})"
+        bad = [k for k, v in metrics.items() if "loss" in k and not math.isfinite(v)]
+        if bad:
+            raise NonFiniteLossError(
+                f"the validation {bad[0]} is {metrics[bad[0]]:g} {where}: the weights diverged; stopped without "
+                f"saving them. {self._last_good()}"
+            )
+        if model_state is not None:
+            nonfinite = [
+                k for k, v in model_state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
+            ]
+            if nonfinite:
+                raise NonFiniteLossError(
+                    f"{len(nonfinite)} weight tensors hold NaN or inf {where} (e.g. {nonfinite[0]}): the weights "
+                    f"diverged; stopped without saving them. {self._last_good()}"
+                )
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
@@ -693,10 +789,12 @@ class _Run:
         net = self.ema.module if self.ema is not None else (self.model if self.info.mode == "fsdp" else self.raw)
         was_training = net.training
         net.eval()
+        self._in_eval = True
         try:
             with torch.no_grad(), self._autocast():
                 metrics = self.task.evaluate(net, self.val_loader)
         finally:
+            self._in_eval = False
             net.train(was_training)
             self.model.train()
         return {k: float(v) for k, v in metrics.items()}
@@ -715,6 +813,7 @@ class _Run:
         row["lr"] = self._last_lr
         self.acc = {}
         metrics = self._evaluate() if evaluate else {}
+        self._check_finite(metrics)
         row.update(metrics)
         self._tick()
         row["seconds"] = round(p.seconds, 3)
@@ -722,9 +821,11 @@ class _Run:
         p.history.append(row)
         self.loggers.log_row(row)
         primary = self.task.primary_metric
-        improved = primary in metrics and metrics[primary] > p.best
+        # NaN compares False, but say it: a NaN metric must never become the best.
+        improved = primary in metrics and math.isfinite(metrics[primary]) and metrics[primary] > p.best
         if improved:
-            p.best, p.best_epoch = metrics[primary], row["epoch"]
+            # iteration runs count in steps: an "epoch 18.75" would name no checkpoint a user can find
+            p.best, p.best_epoch = metrics[primary], row["epoch"] if self.tc.epochs else p.step
         # Without a validation set the latest weights are the best we know of.
         is_best = improved or self.val_loader is None
         where = f"epoch {p.epoch}/{self.tc.epochs}" if self.tc.epochs else f"step {p.step}/{self.total_steps}"
@@ -748,8 +849,8 @@ class _Run:
             {
                 "primary_metric": self.task.primary_metric,
                 f"best_{self.task.primary_metric}": p.best if p.best_epoch >= 0 else None,
-                "best_epoch": p.best_epoch if p.best_epoch >= 0 else None,
-                "epochs": p.epoch if self.tc.epochs else round(p.step / self.steps_per_epoch, 3),
+                ("best_epoch" if self.tc.epochs else "best_step"): p.best_epoch if p.best_epoch >= 0 else None,
+                **({"epochs": p.epoch} if self.tc.epochs else {}),
                 "steps": p.step,
                 "total_steps": self.total_steps,
                 "seconds": round(p.seconds, 2),
@@ -765,7 +866,11 @@ class _Run:
         )
         if interrupted:
             summary["stopped_by"] = signal.Signals(signum).name if signum else "signal"
-            log.warning("stopped at step %d; resume with: davit train --config ... --resume", p.step)
+            command = getattr(self.task, "cli_command", "davit train")
+            log.warning(
+                "stopped at step %d; resume with: %s --config %s --out %s --resume",
+                p.step, command, self.out / "config.yaml", self.out,
+            )  # fmt: skip
         elif hasattr(self.task, "on_fit_end"):
             net = self.ema.module if self.ema is not None else (self.model if self.info.mode == "fsdp" else self.raw)
             net.eval()
@@ -780,8 +885,9 @@ class _Run:
             log.info("summary: %s", json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))}))
             if p.best_epoch >= 0:
                 log.info(
-                    "weights: %s (%s %.4g at epoch %s), %s, full state %s",
-                    self.out / "best.safetensors", self.task.primary_metric, p.best, p.best_epoch,
+                    "weights: %s (%s %.4g at %s %s), %s, full state %s",
+                    self.out / "best.safetensors", self.task.primary_metric, p.best,
+                    "epoch" if self.tc.epochs else "step", p.best_epoch,
                     self.out / "last.safetensors", self.out / "last.pt",
                 )  # fmt: skip
         barrier()
@@ -794,6 +900,15 @@ class _ReenableGradSync(contextlib.AbstractContextManager):
 
     def __exit__(self, *exc: object) -> None:
         self.model.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+
+def _task_name(cfg: Any) -> str | None:
+    from .run import task_name
+
+    try:
+        return task_name(cfg)
+    except ConfigError:  # a custom task's config: the file records no task
+        return None
 
 
 def _batch_len(batch: Any) -> int:

@@ -60,17 +60,25 @@ def predict_loaded(
     batch_size: int = 16,
     optimize: bool = True,
 ) -> list[dict[str, Any]]:
-    """:func:`predict` with an already loaded classifier (reuse it across calls)."""
-    from ..data.image import load_rgb, to_rgb
+    """:func:`predict` with an already loaded classifier (reuse it across calls).
+
+    Images are decoded one batch at a time, so memory stays bounded by ``batch_size`` whatever the number of files;
+    every file's header is checked first, so a missing or non-image file still fails before any work is done.
+    """
+    from ..data.image import check_image_header, load_rgb, to_rgb
+    from ..errors import UserError
 
     if topk < 1:
-        raise ValueError(f"topk must be at least 1, not {topk}")
+        raise UserError(f"topk must be at least 1, not {topk}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-    # read every image before running anything, so a bad file fails fast and names itself
-    rgb = [to_rgb(im) if isinstance(im, Image.Image) else load_rgb(im) for im in images]
+        raise UserError(f"batch_size must be at least 1, not {batch_size}")
+    if img_size is not None and img_size < 1:
+        raise UserError(f"img_size must be a positive number of pixels, not {img_size} (omit it to use the weights')")
+    for im in images:
+        if not isinstance(im, Image.Image):
+            check_image_header(im)
     names = [f"<image {i}>" if isinstance(im, Image.Image) else str(im) for i, im in enumerate(images)]
-    if not rgb:
+    if not images:
         return []
     tf = loaded.transform(img_size)
     dev = resolve_device(None, loaded.model)
@@ -79,8 +87,11 @@ def predict_loaded(
     k = min(topk, len(loaded.class_names))
     out: list[dict[str, Any]] = []
     with torch.inference_mode():
-        for start in range(0, len(rgb), batch_size):
-            batch = torch.stack([tf(im) for im in rgb[start : start + batch_size]]).to(dev)  # (B, 3, side, side)
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            rgb = [to_rgb(im) if isinstance(im, Image.Image) else load_rgb(im) for im in chunk]
+            batch = torch.stack([tf(im) for im in rgb]).to(dev)  # (B, 3, side, side)
+            del rgb
             probs = net(batch).float().softmax(dim=1)  # (B, num_classes)
             p, idx = probs.topk(k, dim=1)  # (B, k) each, decreasing
             for row, (pr, ix) in enumerate(zip(p.tolist(), idx.tolist())):

@@ -1,18 +1,26 @@
-"""DaViT: Dual Attention Vision Transformers (Ding et al., ECCV 2022), exact to the official code.
+"""DaViT: Dual Attention Vision Transformers (Ding et al., ECCV 2022), the reference implementation.
 
-Internally every stage keeps its tokens channels-last, as ``(B, H, W, C)``: LayerNorm, the qkv/proj/MLP Linears and
-the channel attention all work on the last dimension, and the depthwise position-encoding convs see a
-``permute(0, 3, 1, 2)`` view, which is an NCHW tensor in channels_last memory format, so no layout copy is needed
-between the convs and the attentions. Public outputs (``forward_features``, intermediates, ``features_only``) are NCHW
-as in timm.
+This file is what a reader holds line by line against the official code (``timm/models/davit.py`` of
+github.com/dingmyu/davit): plain public torch, every sub-module runs its own ``forward`` (so hooks, PEFT LoRA,
+quantisation, ``torch.jit.trace``, torch.fx and ``torch.export`` see every Linear, conv and norm), the attention maths
+written once as functions the modules call, and no device, vendor, grad-mode or tracing branches. Every speed trick
+lives in :mod:`davit.accelerate`, which swaps these modules for faster subclasses with the same ``state_dict`` when
+asked (``davit.optimize``, the training loop); a model from ``create_model`` runs this code.
 
-Fidelity notes (see ``shared/reference/davit-facts.md`` sections 1 and 7):
+Stages keep their tokens channels-last, as ``(B, H, W, C)``: LayerNorm and the Linears work on the last dimension and
+the position-encoding convs see a ``permute(0, 3, 1, 2)`` view. Public outputs (``forward_features``, intermediates,
+``features_only``) are NCHW as in timm.
+
+Fidelity notes (``shared/reference/davit-facts.md`` sections 1 and 7):
 - channel attention scales *k* by ``head_dim**-0.5`` and computes ``softmax(k^T v)`` applied to *q* (official roles);
   the Florence-2 "v2" form (standard roles, ``N**-0.5`` scale) is a config option;
 - the stem norm follows its conv, the downsample norms precede theirs; inputs are zero-padded right/bottom to the
   conv stride, and window attention pads after its norm without masking the padded tokens;
 - the head pools, then normalises, then classifies;
 - depth counts dual blocks; drop path follows the official per-single-block schedule by default.
+
+Shapes are read one dimension at a time (``x.shape[1]``), never unpacked, and padding is applied unconditionally (a
+zero pad is a no-op): that keeps the file traceable by torch.fx, whose proxies cannot be unpacked or branched on.
 """
 
 from __future__ import annotations
@@ -26,28 +34,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .fused import (
-    ChannelCore,
-    WindowCore,
-    _onednn_ok,
-    attn_branch,
-    channel_attend,
-    linear,
-    ln_mlp,
-    split_heads,
-    use_fused_training,
-)
-from .windows import _tracing, pad_to_multiple, window_partition, window_reverse
-
 __all__ = [
     "ChannelAttention",
     "ChannelBlock",
+    "ConvPosEnc",
     "DaViT",
     "DaViTConfig",
     "DaViTStage",
+    "Downsample",
+    "FeatureInfo",
+    "Mlp",
     "SpatialBlock",
+    "Stem",
     "WindowAttention",
+    "channel_attention",
+    "channel_roles",
+    "drop_path",
     "drop_path_rates",
+    "merge_heads",
+    "pad_to_multiple",
+    "split_heads",
+    "window_attention",
+    "window_partition",
+    "window_reverse",
 ]
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -55,16 +64,13 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _keep_mask(x: Tensor, prob: float) -> Tensor:
-    keep = 1.0 - prob
-    return x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
-
-
 def drop_path(x: Tensor, prob: float, training: bool) -> Tensor:
     """Stochastic depth: zero whole samples of a residual branch with probability ``prob``, rescaling the rest."""
     if prob == 0.0 or not training:
         return x
-    return x * _keep_mask(x, prob)
+    keep = 1.0 - prob
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
+    return x * mask
 
 
 class DropPath(nn.Module):
@@ -77,14 +83,87 @@ class DropPath(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return drop_path(x, self.prob, self.training)
 
-    def add(self, residual: Tensor, x: Tensor) -> Tensor:
-        """``residual + self(x)`` in one pass over the tokens (``addcmul``) instead of a multiply and an add."""
-        if self.prob == 0.0 or not self.training:
-            return residual + x
-        return torch.addcmul(residual, x, _keep_mask(x, self.prob))
-
     def extra_repr(self) -> str:
         return f"prob={self.prob:.4f}"
+
+
+def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
+    """Zero-pad a ``(B, H, W, C)`` map on the right and bottom so H and W are multiples of ``multiple``."""
+    pad_b = (multiple - x.shape[1] % multiple) % multiple
+    pad_r = (multiple - x.shape[2] % multiple) % multiple
+    return F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+
+
+def window_partition(x: Tensor, ws: int) -> Tensor:
+    """``(B, Hp, Wp, C) -> (B*nW, ws*ws, C)``, windows in row-major order; Hp and Wp are multiples of ``ws``."""
+    C = x.shape[-1]
+    x = x.reshape(x.shape[0], x.shape[1] // ws, ws, x.shape[2] // ws, ws, C)  # (B, nH, ws, nW, ws, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)  # (B*nH*nW, ws*ws, C)
+
+
+def window_reverse(windows: Tensor, ws: int, Hp: int, Wp: int) -> Tensor:
+    """Inverse of :func:`window_partition`: ``(B*nW, ws*ws, C) -> (B, Hp, Wp, C)``."""
+    C = windows.shape[-1]
+    x = windows.reshape(-1, Hp // ws, Wp // ws, ws, ws, C)  # (B, nH, nW, ws, ws, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, Hp, Wp, C)  # (B, Hp, Wp, C)
+
+
+def split_heads(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(B, N, 3*C)`` -> q, k, v, each ``(B, heads, N, C/heads)``, as the official reshape/permute."""
+    C = qkv.shape[-1] // 3
+    qkv = qkv.reshape(qkv.shape[0], qkv.shape[1], 3, heads, C // heads).permute(2, 0, 3, 1, 4)  # (3, B, h, N, d)
+    return qkv[0], qkv[1], qkv[2]
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """``(B, heads, N, d) -> (B, N, heads*d)``."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], x.shape[1] * x.shape[3])
+
+
+def window_attention(q: Tensor, k: Tensor) -> Tensor:
+    """Window attention probabilities ``softmax(q k^T / sqrt(d))``, ``(B*nW, heads, N, N)`` (official: no bias,
+    no mask; padded tokens take part as keys)."""
+    q = q * q.shape[-1] ** -0.5
+    return (q @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+def channel_roles(
+    q: Tensor, k: Tensor, v: Tensor, v2: bool = False, dynamic_scale: bool = True
+) -> tuple[Tensor, Tensor, Tensor, float]:
+    """Which of q, k, v play query, key and value in channel attention over channel tokens, and the scale.
+
+    Official (``v2=False``): ``A = softmax((k * Cg**-0.5)^T v)``, applied to ``q``; as ordinary attention over channel
+    tokens the roles are Q=k, K=v, V=q, which is why official checkpoints load without permuting the qkv slices.
+    Florence-2 (``v2=True``): standard roles, ``A = softmax((q * s)^T k)`` applied to ``v``, with ``s = N**-0.5``
+    ("dynamic scale") or ``Cg**-0.5``.
+    """
+    if v2:
+        return q, k, v, (q.shape[-2] ** -0.5 if dynamic_scale else q.shape[-1] ** -0.5)
+    return k, v, q, k.shape[-1] ** -0.5
+
+
+def channel_attention(
+    q: Tensor, k: Tensor, v: Tensor, v2: bool = False, dynamic_scale: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Channel group attention probabilities ``(B, G, Cg, Cg)`` and the ``(B, G, N, Cg)`` tensor they are applied to
+    (roles and scale from :func:`channel_roles`)."""
+    query, key, value, scale = channel_roles(q, k, v, v2, dynamic_scale)
+    return ((query * scale).transpose(-1, -2) @ key).softmax(dim=-1), value
+
+
+def _check_images(x: Any, in_chans: int) -> None:
+    # Only real tensors can be checked: under torch.fx the input is a proxy whose sizes are unknown.
+    if not isinstance(x, Tensor):
+        return
+    if x.ndim != 4 or x.shape[1] != in_chans:
+        raise ValueError(
+            f"DaViT expects images shaped (B, {in_chans}, H, W); got {tuple(x.shape)}. "
+            + (
+                "Convert grayscale images to RGB (e.g. x.expand(-1, 3, -1, -1)) or build with in_chans=1."
+                if x.ndim == 4 and x.shape[1] == 1
+                else "Add a batch dimension with x.unsqueeze(0) or fix the channel count."
+            )
+        )
 
 
 class ConvPosEnc(nn.Module):
@@ -96,23 +175,7 @@ class ConvPosEnc(nn.Module):
         self.act = nn.GELU() if act else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        # x: (B, H, W, C). The permuted view is NCHW in channels_last memory, which the conv accepts without a copy
-        # and answers in the same layout, so permuting back is free too.
-        w = self.proj.weight
-        if (
-            isinstance(self.act, nn.Identity)
-            and _onednn_ok(x, w)
-            and x.dtype == w.dtype
-            and x.is_contiguous()
-            and not torch.is_autocast_enabled("cpu")
-        ):
-            # CPU inference: oneDNN adds the residual in the conv's epilogue (one pass instead of two, same values).
-            xc = x.permute(0, 3, 1, 2)  # (B, C, H, W) view, channels_last memory
-            out = torch.ops.mkldnn._convolution_pointwise.binary(
-                xc, xc, w, self.proj.bias, [1, 1], [1, 1], [1, 1], self.proj.groups, "add", None, None, [], None
-            )
-            return out.permute(0, 2, 3, 1)  # (B, H, W, C), contiguous
-        feat = self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H, W, C)
+        feat = self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, C, H, W) view -> (B, H, W, C)
         return x + self.act(feat)
 
 
@@ -125,8 +188,8 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        return linear(linear(x, self.fc1, gelu=True), self.fc2, residual=residual)
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -135,7 +198,11 @@ class Mlp(nn.Module):
 
 
 class WindowAttention(nn.Module):
-    """Multi-head self-attention inside non-overlapping windows: no shift, no relative bias, no mask."""
+    """Multi-head self-attention inside non-overlapping windows: no shift, no relative bias, no mask.
+
+    ``attn_probs`` is an identity the probabilities pass through, ``(B*nW, heads, N, N)``: a forward hook on it
+    reads them (``davit.explain``) without a second copy of the model.
+    """
 
     def __init__(
         self, dim: int, num_heads: int, qkv_bias: bool = True, *, device: Any = None, dtype: Any = None
@@ -144,31 +211,20 @@ class WindowAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, device=device, dtype=dtype)
+        self.attn_probs = nn.Identity()
         self.proj = nn.Linear(dim, dim, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        Bw, N, C = x.shape  # (B*nW, ws*ws, C)
-        q, k, v = split_heads(linear(x, self.qkv), self.num_heads)  # each (Bw, h, N, d)
-        if x.is_cpu and torch.is_grad_enabled() and x.requires_grad:
-            # CPU training: explicit attention. On 49-token windows, forward + backward through two batched GEMMs
-            # and a softmax is 1.0-1.25x (fp32) and ~6x (bf16) faster than the fused SDPA (benchmarks/attention.py).
-            attn = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # (Bw, h, N, N)
-            x = attn @ v
-        else:
-            x = F.scaled_dot_product_attention(q, k, v)  # (Bw, h, N, d); scale d**-0.5 as the official code
-        x = x.transpose(1, 2).reshape(Bw, N, C)  # (Bw, N, C)
-        return linear(x, self.proj)
+        q, k, v = split_heads(self.qkv(x), self.num_heads)  # each (B*nW, h, N, d)
+        attn = self.attn_probs(window_attention(q, k))  # (B*nW, h, N, N)
+        return self.proj(merge_heads(attn @ v))  # (B*nW, N, C)
 
 
 class ChannelAttention(nn.Module):
-    """Channel group attention: tokens are channels, each summarising all N positions.
+    """Channel group attention: tokens are channels, each summarising all N positions (see
+    :func:`channel_attention` for the official and Florence-2 forms).
 
-    Official form (``v2=False``): with q, k, v of shape ``(B, G, N, Cg)``, ``A = softmax((k * Cg**-0.5)^T v)`` of shape
-    ``(B, G, Cg, Cg)`` and ``out = (A q^T)^T = q A^T``. Written as ordinary attention over channel tokens the roles are
-    Q=k, K=v, V=q, which is why official checkpoints load without permuting the qkv slices.
-
-    Florence-2 form (``v2=True``): standard roles, ``A = softmax((q * s)^T k)``, ``out = v A^T``, where ``s = N**-0.5``
-    ("dynamic scale") or ``Cg**-0.5`` when ``dynamic_scale=False``.
+    ``attn_probs`` is an identity the group attention matrices ``(B, G, Cg, Cg)`` pass through (a hook point).
     """
 
     def __init__(
@@ -188,32 +244,15 @@ class ChannelAttention(nn.Module):
         self.v2 = v2
         self.dynamic_scale = dynamic_scale
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, device=device, dtype=dtype)
+        self.attn_probs = nn.Identity()
         self.proj = nn.Linear(dim, dim, device=device, dtype=dtype)
-        self.core = ChannelCore(num_groups, v2, dynamic_scale)  # the same attention, one image at a time
 
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        B, N, C = x.shape  # (B, H*W, C)
-        qkv = linear(x, self.qkv)
-        out = channel_attend(qkv, self.core)  # float32 CPU on large maps: per image, no copies (fused.py)
-        if out is not None:
-            return linear(out, self.proj, residual=residual)
-        q, k, v = split_heads(qkv, self.num_groups)  # each (B, G, N, Cg)
-        if self.v2:
-            scale = N**-0.5 if self.dynamic_scale else self.head_dim**-0.5
-            attn = (q * scale).transpose(-1, -2) @ k  # (B, G, Cg, Cg)
-            value = v
-        else:
-            attn = (k * self.head_dim**-0.5).transpose(-1, -2) @ v  # (B, G, Cg, Cg)
-            value = q
-        attn = attn.softmax(dim=-1)
-        # (A v^T)^T rather than v A^T: same values, but the GEMM then has the long N axis as its output columns,
-        # which oneDNN runs 5x faster than N rows of a 32-wide product (measured at 896x896).
-        x = (attn @ value.transpose(-1, -2)).transpose(-1, -2)  # (B, G, Cg, N) -> (B, G, N, Cg) view
-        # Contiguous tokens for the projection: on the transposed view, torch.compile lowers the Linear to a batched
-        # GEMM that copies the weight on every call, with the bias and residual as separate passes (bf16 compiled:
-        # batch 1 -3%, batch 32 -8%), and F.linear under autograd takes the same batched-GEMM route.
-        x = x.transpose(1, 2).reshape(B, N, C).contiguous()  # (B, N, C)
-        return linear(x, self.proj, residual=residual)
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = split_heads(self.qkv(x), self.num_groups)  # each (B, G, N, Cg)
+        attn, value = channel_attention(q, k, v, self.v2, self.dynamic_scale)  # (B, G, Cg, Cg), (B, G, N, Cg)
+        attn = self.attn_probs(attn)
+        out = (attn @ value.transpose(-1, -2)).transpose(-1, -2)  # (B, G, N, Cg), as the official code
+        return self.proj(merge_heads(out))  # (B, N, C)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -222,7 +261,7 @@ class ChannelAttention(nn.Module):
 
 
 class _DualBlockBase(nn.Module):
-    """Shared skeleton: cpe1 -> x + dp(attn(norm1 x)) -> cpe2 -> x + dp(mlp(norm2 x)). Subclasses set ``mix``."""
+    """Shared skeleton: cpe1 -> x + dp(mix(norm1 x)) -> cpe2 -> x + dp(mlp(norm2 x)). Subclasses define ``mix``."""
 
     def __init__(
         self,
@@ -249,31 +288,18 @@ class _DualBlockBase(nn.Module):
             self.mlp = None
         # One module used twice, as the official code: the two residuals get independent masks.
         self.drop_path = DropPath(drop_path)
-        self.memory_saving = "none"  # see DaViT.set_memory_saving
 
-    def mix(self, x: Tensor, residual: Tensor | None = None) -> Tensor:  # pragma: no cover - abstract
-        """The token mixer on ``(B, H, W, C)``; returns ``residual + mix(x)`` when ``residual`` is given."""
+    def mix(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """The token mixer on normalised ``(B, H, W, C)`` tokens."""
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.cpe1(x)  # (B, H, W, C)
-        # Without stochastic depth the residual goes into the branch (added in a GEMM's epilogue where possible).
-        add = self.drop_path.prob == 0.0 or not self.training
-        # Under autograd the branches may run as custom functions that store fewer activations (fused.py).
-        fused = self.memory_saving != "none" and use_fused_training(x, self.norm1.weight)
-        if fused and self.memory_saving == "all":
-            y = attn_branch(x, self.norm1, self.attn.qkv, self.attn.proj, self.core, add_input=add)
-        else:
-            y = self.mix(self.norm1(x), residual=x if add else None)
-        x = y if add else self.drop_path.add(x, y)
+        x = x + self.drop_path(self.mix(self.norm1(x)))
         x = self.cpe2(x)
-        if self.mlp is None or self.norm2 is None:
-            return x
-        if fused:
-            y = ln_mlp(x, self.norm2, self.mlp.fc1, self.mlp.fc2, add_input=add)
-        else:
-            y = self.mlp(self.norm2(x), residual=x if add else None)
-        return y if add else self.drop_path.add(x, y)
+        if self.mlp is not None:
+            x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x
 
 
 class SpatialBlock(_DualBlockBase):
@@ -297,22 +323,13 @@ class SpatialBlock(_DualBlockBase):
         super().__init__(dim, mlp_ratio, drop_path, ffn, cpe_act, norm_eps, device=device, dtype=dtype)
         self.window_size = window_size
         self.attn = WindowAttention(dim, num_heads, qkv_bias, device=device, dtype=dtype)
-        self.core = WindowCore(window_size, num_heads)
 
-    def mix(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        B, H, W, C = x.shape
+    def mix(self, x: Tensor) -> Tensor:
         ws = self.window_size
         # Pad after norm1 and do not mask: padded zeros attend as keys carrying only the qkv bias, as official.
         xp = pad_to_multiple(x, ws)  # (B, Hp, Wp, C)
-        Hp, Wp = xp.shape[1], xp.shape[2]
-        tracing = _tracing()
-        if not tracing and Hp == ws and Wp == ws:
-            out = self.attn(xp.reshape(B, ws * ws, C)).view(B, Hp, Wp, C)  # one window: no partition copy
-        else:
-            out = window_reverse(self.attn(window_partition(xp, ws)), ws, B, Hp, Wp)  # (B, Hp, Wp, C)
-        if tracing or Hp != H or Wp != W:
-            out = out[:, :H, :W, :]
-        return out if residual is None else residual + out
+        out = window_reverse(self.attn(window_partition(xp, ws)), ws, xp.shape[1], xp.shape[2])  # (B, Hp, Wp, C)
+        return out[:, : x.shape[1], : x.shape[2], :]  # crop the padding (a no-op view without it)
 
 
 class ChannelBlock(_DualBlockBase):
@@ -336,12 +353,9 @@ class ChannelBlock(_DualBlockBase):
     ) -> None:
         super().__init__(dim, mlp_ratio, drop_path, ffn, cpe_act, norm_eps, device=device, dtype=dtype)
         self.attn = ChannelAttention(dim, num_groups, qkv_bias, v2, dynamic_scale, device=device, dtype=dtype)
-        self.core = self.attn.core
 
-    def mix(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        B, H, W, C = x.shape
-        res = None if residual is None else residual.reshape(B, H * W, C)  # (B, N, C)
-        return self.attn(x.reshape(B, H * W, C), residual=res).view(B, H, W, C)
+    def mix(self, x: Tensor) -> Tensor:
+        return self.attn(x.flatten(1, 2)).reshape(x.shape)  # (B, H*W, C) tokens -> (B, H, W, C)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -358,39 +372,29 @@ class Stem(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=norm_eps, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        H, W = x.shape[-2:]
-        x = F.pad(x, (0, (4 - W % 4) % 4, 0, (4 - H % 4) % 4))  # (B, Cin, H4, W4)
+        x = F.pad(x, (0, (4 - x.shape[-1] % 4) % 4, 0, (4 - x.shape[-2] % 4) % 4))  # (B, Cin, H4, W4)
         return self.norm(self.conv(x).permute(0, 2, 3, 1))  # (B, H/4, W/4, C)
 
 
 class Downsample(nn.Module):
-    """LayerNorm (*before* the conv) then a stride-2 conv: 2x2 pad 0 (official) or 3x3 pad 1 (overlapped)."""
+    """LayerNorm (*before* the conv) then a stride-2 conv: 2x2 pad 0 (official) or 3x3 pad 1 (overlapped).
+
+    With the 2x2 kernel the normalised map is zero-padded right/bottom to even sizes (zeros, not normalised zeros,
+    as the official code); the 3x3 kernel pads inside the conv.
+    """
 
     def __init__(
         self, in_dim: int, out_dim: int, kernel_size: int, norm_eps: float, *, device: Any = None, dtype: Any = None
     ) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(in_dim, eps=norm_eps, device=device, dtype=dtype)
-        self.even = kernel_size % 2 == 0
-        pad = 0 if self.even else kernel_size // 2
+        self.pad_to = kernel_size if kernel_size % 2 == 0 else 1
+        pad = 0 if kernel_size % 2 == 0 else kernel_size // 2
         self.conv = nn.Conv2d(in_dim, out_dim, kernel_size, stride=2, padding=pad, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.norm(x)  # (B, H, W, Cin)
-        if self.even:
-            # Pad after the norm, to the kernel size, as the official code: zeros, not normalised zeros.
-            x = pad_to_multiple(x, self.conv.kernel_size[0])
-            if self.conv.kernel_size == (2, 2) and use_fused_training(x, self.conv.weight):
-                return self._patch_linear(x)  # under autograd only: conv kept for inference and export
+        x = pad_to_multiple(self.norm(x), self.pad_to)  # (B, H, W, Cin)
         return self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H/2, W/2, Cout)
-
-    def _patch_linear(self, x: Tensor) -> Tensor:
-        """The 2x2 stride-2 conv as one Linear over 2x2 patches (same sums, another order). Under autograd its
-        forward + backward is 20-40% faster than the conv's from stage 2 on, a wash at stage 1 (fp32 and bf16)."""
-        B, H, W, C = x.shape
-        patches = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H // 2, W // 2, 4 * C)
-        w = self.conv.weight.permute(0, 2, 3, 1).reshape(self.conv.out_channels, 4 * C)  # (Cout, kh, kw, Cin)
-        return F.linear(patches, w, self.conv.bias)  # (B, H/2, W/2, Cout)
 
 
 class DaViTStage(nn.Module):
@@ -442,7 +446,7 @@ class DaViTStage(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.downsample(x)
-        if self.grad_checkpointing and torch.is_grad_enabled():
+        if self.grad_checkpointing:
             for dual in self.blocks:
                 for blk in dual:  # single blocks: the recomputed activations of one attention + MLP at a time
                     x = checkpoint(blk, x, use_reentrant=False)
@@ -455,7 +459,6 @@ class DaViTStage(nn.Module):
 # --------------------------------------------------------------------------------------------------------------------
 
 ATTENTION_TYPES = ("spatial", "channel")
-MEMORY_SAVING = ("none", "mlp", "all")
 
 
 @dataclass(frozen=True)
@@ -629,12 +632,12 @@ class DaViT(nn.Module):
             )
             in_dim = dim
         self.stages = nn.Sequential(*stages)
-        self.feature_info = [
+        info = [
             {"num_chs": cfg.embed_dims[i], "reduction": 2 ** (i + 2), "module": f"stages.{i}", "index": i}
             for i in range(num_stages)
         ]
+        self.feature_info = FeatureInfo([info[i] for i in self.out_indices] if features_only else info)
         if features_only:
-            self.feature_info = [self.feature_info[i] for i in self.out_indices]
             self.out_norms = nn.ModuleDict(
                 {str(i): nn.LayerNorm(cfg.embed_dims[i], eps=cfg.norm_eps, **dd) for i in self.out_indices}
             )
@@ -660,25 +663,6 @@ class DaViT(nn.Module):
         self.grad_checkpointing = enable
         for stage in self.stages:
             stage.grad_checkpointing = enable
-
-    def set_memory_saving(self, level: str = "none") -> None:
-        """How much the training forward stores for the backward pass (same gradients to rounding at every level).
-
-        - ``"none"`` (default): autograd through every op, the fastest on the CPU; stores ~1.04x what timm stores
-          (the explicit window attention of CPU training keeps its probabilities).
-        - ``"mlp"``: each MLP (norm, fc1, GELU, fc2) is one custom function that stores its input and the GELU input
-          and recomputes the rest: ~0.78x timm's saved activations, ~5% slower on the CPU.
-        - ``"all"``: the attention branches too (norm, qkv, attention, proj store only their input and qkv):
-          ~0.62x timm's saved activations, 2-10% slower on the CPU (recomputes norms, GELUs and attention maps).
-
-        Independent of :meth:`set_grad_checkpointing`, which recomputes whole blocks (figures: the README's speed
-        section, measured by ``python benchmarks/bench.py``).
-        """
-        if level not in MEMORY_SAVING:
-            raise ValueError(f"memory saving level must be one of {MEMORY_SAVING}, got {level!r}")
-        for m in self.modules():
-            if isinstance(m, _DualBlockBase):
-                m.memory_saving = level
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay by name (norms and biases are exempt by shape in the engine)."""
@@ -710,15 +694,7 @@ class DaViT(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def _check_input(self, x: Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.cfg.in_chans:
-            raise ValueError(
-                f"DaViT expects images shaped (B, {self.cfg.in_chans}, H, W); got {tuple(x.shape)}. "
-                + (
-                    "Convert grayscale images to RGB (e.g. x.expand(-1, 3, -1, -1)) or build with in_chans=1."
-                    if x.ndim == 4 and x.shape[1] == 1
-                    else "Add a batch dimension with x.unsqueeze(0) or fix the channel count."
-                )
-            )
+        _check_images(x, self.cfg.in_chans)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Image ``(B, C, H, W)`` -> last stage map ``(B, C_last, H/32, W/32)`` (NCHW, before the head norm)."""
@@ -821,3 +797,34 @@ def _init_weights(m: nn.Module) -> None:
 def count_params(model: nn.Module) -> int:
     """Number of parameters (works on the meta device)."""
     return sum(p.numel() for p in model.parameters())
+
+
+class FeatureInfo(list):
+    """timm's feature-info vocabulary over a list of per-stage dicts (``num_chs``, ``reduction``, ``module``,
+    ``index``): ``.channels()``, ``.reduction()``, ``.module_name()``, ``.get(key)``, ``.get_dicts()``."""
+
+    def get(self, key: str, idx: int | Sequence[int] | None = None) -> Any:
+        """The ``key`` field of every entry, of entry ``idx``, or of the entries in ``idx``."""
+        if idx is None:
+            return [d[key] for d in self]
+        if isinstance(idx, int):
+            return self[idx][key]
+        return [self[i][key] for i in idx]
+
+    def get_dicts(self, keys: Sequence[str] | None = None, idx: int | Sequence[int] | None = None) -> Any:
+        """The entries (optionally only ``keys`` of them, and only those in ``idx``)."""
+        pick = self if idx is None else ([self[idx]] if isinstance(idx, int) else [self[i] for i in idx])
+        out = [dict(d) if keys is None else {k: d[k] for k in keys} for d in pick]
+        return out[0] if isinstance(idx, int) else out
+
+    def channels(self, idx: int | Sequence[int] | None = None) -> Any:
+        """Channels of each returned map."""
+        return self.get("num_chs", idx)
+
+    def reduction(self, idx: int | Sequence[int] | None = None) -> Any:
+        """Stride of each returned map relative to the input."""
+        return self.get("reduction", idx)
+
+    def module_name(self, idx: int | Sequence[int] | None = None) -> Any:
+        """Module name of each returned map (``stages.i``)."""
+        return self.get("module", idx)

@@ -11,6 +11,8 @@ same names.
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .davit import DaViTConfig
@@ -66,9 +68,19 @@ MODEL_CONFIGS: dict[str, ModelInfo] = {
 }
 
 
-def list_models() -> list[str]:
-    """Names of every model in the zoo."""
-    return list(MODEL_CONFIGS)
+def list_models(pattern: str | Sequence[str] = "", exclude: str | Sequence[str] = "") -> list[str]:
+    """Names of the zoo's models, optionally filtered by shell-style wildcards (timm's convention).
+
+    Args:
+        pattern: keep names matching this pattern (or any of these patterns), e.g. ``"*tiny*"``; empty keeps all.
+        exclude: drop names matching this pattern (or any of these).
+    """
+    pats = [pattern] if isinstance(pattern, str) else list(pattern)
+    excl = [exclude] if isinstance(exclude, str) else list(exclude)
+    names = list(MODEL_CONFIGS)
+    if any(pats):
+        names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in pats if p)]
+    return [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in excl if p)]
 
 
 def get_config(name: str) -> DaViTConfig:

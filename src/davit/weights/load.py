@@ -16,7 +16,7 @@ from .convert import ConvertedStateDict, convert_state_dict
 from .inspect import infer_architecture
 from .io import CheckpointError, read_checkpoint, read_safetensors_metadata
 
-__all__ = ["LoadReport", "load_checkpoint", "load_state"]
+__all__ = ["LoadReport", "check_weights", "load_checkpoint", "load_state"]
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,13 @@ def load_checkpoint(
     # Head size: a different class count is a decision, not an accident.
     fc_w = incoming.get("head.fc.weight")
     own_fc = own.get("head.fc.weight")
-    if fc_w is not None and (own_fc is None or own_fc.shape != fc_w.shape):
+    if fc_w is not None and own_fc is not None and fc_w.ndim == 2 and fc_w.shape != own_fc.shape:
+        if fc_w.shape == own_fc.shape[::-1]:
+            raise CheckpointError(
+                f"{name}: head.fc.weight is {tuple(fc_w.shape)} but this model's is {tuple(own_fc.shape)} "
+                "(num_classes x features): the tensor is transposed; save it as weight.T (torch.nn.Linear layout)"
+            )
+    if fc_w is not None and (own_fc is None or own_fc.shape[0] != fc_w.shape[0]):
         ckpt_classes = fc_w.shape[0]
         model_classes = 0 if own_fc is None else own_fc.shape[0]
         if not reset_head:
@@ -125,6 +131,7 @@ def load_checkpoint(
             "(`davit info FILE` tells which model a file holds)"
         )
 
+    check_weights({k: v for k, v in incoming.items() if k in own}, name, own)
     missing = [k for k in own if k not in incoming]
     unexpected = [k for k in incoming if k not in own]
     tolerated = {k for k in missing if (features_only and _OUT_NORMS.match(k)) or _HEAD.match(k)}
@@ -151,6 +158,38 @@ def load_checkpoint(
     )
     log.info(report.summary())
     return report
+
+
+def check_weights(
+    state: Mapping[str, torch.Tensor], name: str, model_state: Mapping[str, torch.Tensor] | None = None
+) -> None:
+    """Refuse weights that would load silently but compute garbage: non-float tensors where the model has float
+    parameters, and NaN or infinite values.
+
+    Raises:
+        CheckpointError: naming the file, how many tensors are bad and one of them.
+    """
+    ints = [
+        k
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor)
+        and not v.is_floating_point()
+        and (model_state is None or (k in model_state and model_state[k].is_floating_point()))
+        and (model_state is not None or k.endswith((".weight", ".bias")))
+    ]
+    if ints:
+        raise CheckpointError(
+            f"{name} holds {state[ints[0]].dtype} tensors where the model has float weights ({len(ints)} tensors, "
+            f"e.g. {ints[0]}): it is not a weights file of this model (or was cast by mistake); use the float "
+            "checkpoint"
+        )
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]  # fmt: skip
+    if bad:
+        raise CheckpointError(
+            f"{name} holds NaN or infinite values in {len(bad)} of {len(state)} tensors (e.g. {bad[0]}): the weights "
+            "are corrupt or come from a diverged run; use an earlier checkpoint"
+        )
 
 
 def _raise_if_other_size(sd: ConvertedStateDict, model: nn.Module, name: str) -> None:

@@ -76,18 +76,54 @@ class WeightInfo:
             return Path(self.local_path)
         from huggingface_hub import hf_hub_download
 
+        for name in self.filenames:  # the cache first: instant, and all an offline machine can use
+            try:
+                return Path(hf_hub_download(self.hf_hub_id, name, local_files_only=True))
+            except Exception:  # not cached under this name: try the next, then the network
+                continue
+        host = _hub_host()
+        if not _reachable(host):
+            # huggingface_hub would retry each file name for ~25 s before giving up; say it now
+            why = f"{host} is not reachable from this machine (offline?)" if host else "HF_HUB_OFFLINE is set (offline)"
+            raise CheckpointError(self._how_to(why + " and the file is not in the cache"))
         errors = []
         for name in self.filenames:
             try:
                 return Path(hf_hub_download(self.hf_hub_id, name))
-            except Exception as e:  # offline, missing file, network: try the next name, then explain
+            except Exception as e:  # missing file, network: try the next name, then explain
                 errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        raise CheckpointError(
-            f"could not get weights {self.tag} from the Hugging Face hub repo {self.hf_hub_id} "
-            f"({'; '.join(errors)}). If this machine is offline, download the file elsewhere "
-            f"(huggingface-cli download {self.hf_hub_id} {self.filenames[0]}) and pass its path as "
-            "pretrained='/path/to/file', or point HF_HOME at a cache that holds it."
+        raise CheckpointError(self._how_to("; ".join(errors)))
+
+    def _how_to(self, why: str) -> str:
+        return (
+            f"could not get weights {self.tag} from the Hugging Face hub repo {self.hf_hub_id}: {why}. Download the "
+            f"file where there is a connection (huggingface-cli download {self.hf_hub_id} {self.filenames[0]}) and "
+            "pass its path: --weights /path/to/file (davit eval/predict/export), model.pretrained=/path/to/file (a "
+            "recipe), create_model(name, pretrained='/path/to/file') (Python); or point HF_HOME at a cache that "
+            "holds it"
         )
+
+
+def _hub_host() -> str:
+    import os
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return ""
+    return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    """One TCP connection attempt to the hub (name resolution included), instead of minutes of HTTP retries."""
+    import socket
+
+    if not host:
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 _TIMM = dict(source="timm", license="apache-2.0", filenames=("model.safetensors", "pytorch_model.bin"))

@@ -82,10 +82,6 @@ class DaViTFPN(nn.Module):
         """Recompute the DaViT blocks in the backward pass."""
         self.body.set_grad_checkpointing(enable)
 
-    def set_memory_saving(self, level: str = "none") -> None:
-        """Memory-saving DaViT blocks in the backbone (``train.memory_saving``, see ``DaViT.set_memory_saving``)."""
-        self.body.set_memory_saving(level)
-
 
 def load_backbone_weights(body: DaViT, path: str) -> LoadReport:
     """Load any DaViT checkpoint into a ``features_only`` body: classification (head and final norm dropped, stage

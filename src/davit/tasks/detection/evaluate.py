@@ -1,7 +1,7 @@
 """COCO evaluation with pycocotools: box AP and mask AP (AP, AP50, AP75, APs, APm, APl), in percent.
 
 pycocotools' own numbers, multiplied by 100 so they read like the paper's tables (Mask R-CNN Tiny 1x: 45.0 box AP).
-A size bucket with no ground truth (e.g. no small objects) gives -1, pycocotools' convention, left unscaled.
+A size bucket with no ground truth (e.g. no small objects) is left out (pycocotools reports -1 for it).
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ def coco_evaluate(
             ev.summarize()
         log.debug("%s\n%s", iou_type, buf.getvalue())
         for name, value in zip(METRIC_NAMES, ev.stats[: len(METRIC_NAMES)]):
-            metrics[f"{iou_type}_{name}"] = float(value) * 100 if value >= 0 else float(value)
+            if value >= 0:  # pycocotools' -1 means "no objects of this size here": omitted, not a score
+                metrics[f"{iou_type}_{name}"] = float(value) * 100
     return metrics
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection import MaskRCNN, RetinaNet
+from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
@@ -24,9 +24,10 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from .backbone import build_davit_backbone
 
-__all__ = ["ARCHS", "DaViTMaskRCNN", "DaViTRetinaNet", "MultiScaleTransform", "build_detector"]
+__all__ = ["ARCHS", "DaViTFasterRCNN", "DaViTMaskRCNN", "DaViTRetinaNet", "MultiScaleTransform", "build_detector"]
 
-ARCHS = ("mask_rcnn", "retinanet")
+# faster_rcnn is Mask R-CNN without the mask branch: the two-stage detector for box-only data (no segmentation).
+ARCHS = ("mask_rcnn", "faster_rcnn", "retinanet")
 
 # ImageNet statistics of the DaViT classification weights (the detector normalises inside, on [0, 1] images).
 _MEAN = (0.485, 0.456, 0.406)
@@ -71,10 +72,6 @@ class _DaViTDetector:
         """Recompute the backbone's blocks in the backward pass (the heads are cheap in memory)."""
         self.backbone.set_grad_checkpointing(enable)
 
-    def set_memory_saving(self, level: str = "none") -> None:
-        """Memory-saving DaViT blocks in the backbone (``train.memory_saving``, see ``DaViT.set_memory_saving``)."""
-        self.backbone.set_memory_saving(level)
-
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> Any:
         """torchvision's forward: the loss dict in training, one detection dict per image in eval mode."""
         device = images[0].device.type if len(images) else "cpu"
@@ -86,6 +83,10 @@ class _DaViTDetector:
 
 class DaViTMaskRCNN(_DaViTDetector, MaskRCNN):
     """torchvision's ``MaskRCNN`` on DaViT + FPN (see ``_DaViTDetector`` for checkpointing and mixed precision)."""
+
+
+class DaViTFasterRCNN(_DaViTDetector, FasterRCNN):
+    """torchvision's ``FasterRCNN`` on DaViT + FPN: Mask R-CNN's detector without the mask branch (box-only data)."""
 
 
 class DaViTRetinaNet(_DaViTDetector, RetinaNet):
@@ -110,10 +111,11 @@ def build_detector(
     detections_per_img: int = 100,
     score_thresh: float = 0.05,
 ) -> nn.Module:
-    """A torchvision Mask R-CNN or RetinaNet on DaViT + FPN.
+    """A torchvision Mask R-CNN, Faster R-CNN or RetinaNet on DaViT + FPN.
 
     Args:
-        arch: ``"mask_rcnn"`` or ``"retinanet"``.
+        arch: ``"mask_rcnn"``, ``"faster_rcnn"`` (Mask R-CNN's boxes only, for data without masks) or
+            ``"retinanet"``.
         num_classes: object classes K (background excluded).
         backbone: DaViT zoo name.
         pretrained: backbone weights: ``""``, ``"true"``/a tag, or a local file (classification or official mmdet).
@@ -138,7 +140,7 @@ def build_detector(
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1 object class, got {num_classes}")
     overrides = dict(backbone_overrides or {})
-    if arch == "mask_rcnn":
+    if arch in ("mask_rcnn", "faster_rcnn"):
         body = build_davit_backbone(
             backbone,
             pretrained=pretrained,
@@ -148,21 +150,27 @@ def build_detector(
             **overrides,
         )
         levels = ["0", "1", "2", "3"]  # RoIs pool from P2..P5, not from the max-pooled P6
-        model: nn.Module = DaViTMaskRCNN(
-            body,
+        two_stage: dict[str, Any] = dict(
             # sampling_ratio 0 = adaptive, as the official RoIAlign (torchvision's default is 2 points per bin)
             box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=0),
-            mask_roi_pool=MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=0),
             box_head=TwoMLPHead(fpn_channels * 7**2, representation_size),
             box_predictor=FastRCNNPredictor(representation_size, num_classes + 1),
-            mask_head=MaskRCNNHeads(fpn_channels, (mask_channels,) * 4, 1),
-            mask_predictor=MaskRCNNPredictor(mask_channels, mask_channels, num_classes + 1),
             box_batch_size_per_image=box_batch_size_per_image,
             rpn_batch_size_per_image=rpn_batch_size_per_image,
             rpn_post_nms_top_n_train=1000,
             box_detections_per_img=detections_per_img,
             box_score_thresh=score_thresh,
         )
+        if arch == "faster_rcnn":
+            model: nn.Module = DaViTFasterRCNN(body, **two_stage)
+        else:
+            model = DaViTMaskRCNN(
+                body,
+                mask_roi_pool=MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=0),
+                mask_head=MaskRCNNHeads(fpn_channels, (mask_channels,) * 4, 1),
+                mask_predictor=MaskRCNNPredictor(mask_channels, mask_channels, num_classes + 1),
+                **two_stage,
+            )
     else:
         body = build_davit_backbone(
             backbone, pretrained=pretrained, out_indices=(1, 2, 3), fpn_channels=fpn_channels, extra="p6p7", **overrides

@@ -8,26 +8,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import ImageDraw
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
-from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+from torchvision.utils import draw_segmentation_masks
+
+from davit.visualize import distinct_colours, font, place_labels, text_colour, text_size
 
 from .task import load_detector
 
 __all__ = ["draw_detections", "predict_files"]
 
-# Distinct colours for up to 10 classes, then they repeat.
-_PALETTE = [
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
-]  # fmt: skip
+_COLOURS = distinct_colours(20)
 
 
 def draw_detections(
     image: Tensor, output: dict[str, Tensor], classes: Sequence[str], score_thr: float = 0.5, mask_thr: float = 0.5
 ) -> Tensor:
-    """Draw the detections of one image.
+    """Draw the detections of one image: masks, boxes and ``class score`` labels.
+
+    Labels never hide one another where the image leaves room: they are placed best score first (each takes the
+    first free spot around its box, see :func:`davit.visualize.place_labels`), and drawn best score last, so the top
+    detection's box and label are on top of everything else.
 
     Args:
         image: ``(3, H, W)`` uint8.
@@ -42,26 +44,38 @@ def draw_detections(
     keep = output["scores"] >= score_thr
     if not bool(keep.any()):
         return image
-    labels = output["labels"][keep].tolist()
-    colours = [_PALETTE[(k - 1) % len(_PALETTE)] for k in labels]
+    order = output["scores"][keep].argsort(descending=True)  # best first
+    boxes = output["boxes"][keep][order]
+    labels = output["labels"][keep][order].tolist()
+    scores = output["scores"][keep][order].tolist()
+    colours = [tuple(int(c) for c in _COLOURS[(k - 1) % len(_COLOURS)]) for k in labels]
     if "masks" in output:
-        masks = output["masks"][keep][:, 0] > mask_thr  # (N, H, W) bool
-        image = draw_segmentation_masks(image, masks, alpha=0.45, colors=colours)
-    names = [
-        f"{classes[k - 1] if 0 < k <= len(classes) else k} {s:.2f}"
-        for k, s in zip(labels, output["scores"][keep].tolist())
-    ]
-    return draw_bounding_boxes(image, output["boxes"][keep], labels=names, colors=colours, width=2)
+        masks = output["masks"][keep][order][:, 0] > mask_thr  # (N, H, W) bool
+        # drawn worst first, so the best detection's colour wins where masks overlap
+        image = draw_segmentation_masks(image, masks.flip(0), alpha=0.45, colors=colours[::-1])
+    h, w = image.shape[1:]
+    fnt = font(max(10, min(h, w) // 40))
+    names = [f"{classes[k - 1] if 0 < k <= len(classes) else k} {s:.2f}" for k, s in zip(labels, scores)]
+    pad = 2
+    sizes = [(tw + 2 * pad, th + 2 * pad) for tw, th in (text_size(n, fnt) for n in names)]
+    box_list = [tuple(b) for b in boxes.tolist()]
+    spots = place_labels(box_list, sizes, w, h)
+    pil = TF.to_pil_image(image)
+    draw = ImageDraw.Draw(pil)
+    line = max(2, min(h, w) // 200)
+    for i in reversed(range(len(names))):  # best last: on top
+        draw.rectangle(box_list[i], outline=colours[i], width=line)
+    for i in reversed(range(len(names))):
+        x1, y1, x2, y2 = spots[i]
+        draw.rectangle([x1, y1, x2 - 1, y2 - 1], fill=colours[i])
+        draw.text((x1 + pad, y1 + pad), names[i], fill=text_colour(colours[i]), font=fnt)
+    return TF.pil_to_tensor(pil)
 
 
 def _read(path: Path) -> Tensor:
-    try:
-        with Image.open(path) as im:
-            return TF.pil_to_tensor(im.convert("RGB"))  # (3, H, W) uint8
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image not found: {path}") from None
-    except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+    from davit.data.image import load_rgb
+
+    return TF.pil_to_tensor(load_rgb(path))  # (3, H, W) uint8; ImageReadError names an unreadable file or a bomb
 
 
 @torch.no_grad()
@@ -70,9 +84,9 @@ def predict_files(
     checkpoint: str | os.PathLike[str],
     *,
     config: str | os.PathLike[str] | None = None,
-    out_dir: str | os.PathLike[str] | None = None,
+    out_dir: str | os.PathLike[str] | None = "predictions",
     score_thr: float = 0.5,
-    device: str = "cpu",
+    device: str = "auto",
     model: nn.Module | None = None,
     classes: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
@@ -83,7 +97,7 @@ def predict_files(
         checkpoint: the run's weights (``best.safetensors``); its ``config.yaml`` is read from the same folder unless
             ``config`` is given.
         config: the run's config.
-        out_dir: where to write the drawings (default: beside each image).
+        out_dir: where to write the drawings (None: beside each image).
         score_thr: keep detections scoring at least this.
         device: where to run.
         model: an already loaded detector (skips loading ``checkpoint``); then pass ``classes`` too.

@@ -23,13 +23,10 @@ from davit.config import (
     ModelConfig,
     OptimConfig,
     SchedConfig,
-    from_dict,
-    merge,
-    parse_overrides,
-    read_yaml,
 )
 from davit.data.coco import CocoDetection, build_det_transforms, detection_collate
 from davit.weights import CheckpointError, read_checkpoint, read_safetensors_metadata
+from davit.weights.load import check_weights
 
 from .evaluate import coco_evaluate, run_detector
 from .models import ARCHS, build_detector
@@ -98,7 +95,7 @@ class DetectorConfig:
     """The detector on top of the DaViT backbone (torchvision's heads; defaults are the official values).
 
     Attributes:
-        arch: ``mask_rcnn`` or ``retinanet``.
+        arch: ``mask_rcnn``, ``faster_rcnn`` (boxes only: data without masks) or ``retinanet``.
         fpn_channels: FPN width.
         representation_size: R-CNN box-head FC width.
         mask_channels: Mask R-CNN mask-head width.
@@ -205,6 +202,11 @@ class DetTask:
                 d.train_images, d.train_ann, train=True, with_masks=self.with_masks, transforms=tf,
                 verify_images=d.verify_images,
             )  # fmt: skip
+            if self.with_masks and not any("segmentation" in a for r in train.records for a in r.anns):
+                log.warning(
+                    "%s has no segmentation in any annotation: Mask R-CNN would learn box-shaped masks. For box-only "
+                    "data use detector.arch=faster_rcnn (or retinanet)", d.train_ann,
+                )  # fmt: skip
             val = None
             if d.val_ann and not d.val_images:
                 raise ConfigError("data.val_ann is set but data.val_images is not: give the validation image folder")
@@ -221,6 +223,13 @@ class DetTask:
                 raise ConfigError(
                     f"model.num_classes={n} but {d.train_ann} has {len(train.cat_ids)} categories; leave "
                     "model.num_classes unset (null) to take the dataset's"
+                )
+            if self.with_masks and not train.has_masks:
+                log.warning(
+                    "%s has boxes but no 'segmentation' masks: Mask R-CNN would learn box-shaped stand-in masks and "
+                    "its mask AP would mean nothing. Train a box-only detector instead (detector.arch=retinanet; a "
+                    "box-only Faster R-CNN where available)",
+                    d.train_ann,
                 )
             self._datasets = (train, val)
             self.class_names = list(train.classes)
@@ -251,28 +260,23 @@ class DetTask:
 
 
 def _read_run_config(config: str | Path | None, checkpoint: Path, overrides: list[str]) -> DetConfig:
-    path = Path(config) if config else checkpoint.parent / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no config for {checkpoint}: {path} does not exist; pass --config (the recipe the model was trained with)"
-        )
-    return load_det_config(path, overrides)
+    from ...engine.run import config_for_checkpoint
+
+    return config_for_checkpoint(checkpoint, config, overrides, task="det")[1]
 
 
-def load_det_config(path: str | Path, overrides: list[str] | None = None) -> DetConfig:
-    """A recipe (its ``task: det`` key, which the engine's dispatcher reads, is dropped) plus overrides."""
-    data = read_yaml(path)
-    task = data.pop("task", "det")
-    if task != "det":
-        raise ConfigError(f"{path} is a {task!r} recipe, not a detection one (task: det)")
-    return from_dict(DetConfig, merge(data, parse_overrides(list(overrides or []))))
+def load_det_config(path: str | Path | None, overrides: list[str] | None = None) -> DetConfig:
+    """:func:`davit.engine.run.load_run_config` for a detection recipe (name or path; None: the defaults)."""
+    from ...engine.run import load_run_config
+
+    return load_run_config(path, list(overrides or []), task="det")[1]
 
 
 def load_detector(
     checkpoint: str | Path,
     config: str | Path | None = None,
     overrides: list[str] | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
 ) -> tuple[nn.Module, DetConfig, list[str]]:
     """A trained detector from ``checkpoint`` (``best.safetensors`` / ``last.safetensors`` / ``last.pt`` of a run).
 
@@ -296,17 +300,20 @@ def load_detector(
     # The backbone weights come from the checkpoint: never fetch the pretrained ones again.
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained="", num_classes=num_classes))
     model = DetTask(cfg).build_model()
+    check_weights(state, str(checkpoint), model.state_dict())
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
             f"{checkpoint} does not fit a {cfg.detector.arch} on {cfg.model.name}: {len(missing)} missing (e.g. "
             f"{missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); pass the config it was trained with"
         )
-    return model.to(device).eval(), cfg, list(names or [f"class {i + 1}" for i in range(num_classes)])
+    from ...engine.evaluate import resolve_device
+
+    return model.to(resolve_device(device)).eval(), cfg, list(names or [f"class {i + 1}" for i in range(num_classes)])
 
 
 def _classes_in_state(state: dict[str, Tensor], arch: str) -> int:
-    if arch == "mask_rcnn":
+    if arch in ("mask_rcnn", "faster_rcnn"):
         key = "roi_heads.box_predictor.cls_score.bias"
         if key in state:
             return int(state[key].shape[0]) - 1
@@ -319,7 +326,7 @@ def _classes_in_state(state: dict[str, Tensor], arch: str) -> int:
 
 
 def evaluate_checkpoint(
-    config: str | Path, checkpoint: str | Path, overrides: list[str] | None = None, device: str = "cpu"
+    config: str | Path | None, checkpoint: str | Path, overrides: list[str] | None = None, device: str = "auto"
 ) -> dict[str, float]:
     """COCO metrics of a trained detector on ``data.val_ann`` of ``config``."""
     model, cfg, _ = load_detector(checkpoint, config, overrides, device)

@@ -17,8 +17,21 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ...data.segmentation import IGNORE_INDEX, rescale_size
+from ...visualize import distinct_colours, draw_legend
 
-__all__ = ["colorize", "infer_probs", "overlay", "palette", "slide_logits", "whole_logits", "write_prediction"]
+__all__ = [
+    "BACKGROUND_NAMES",
+    "background_classes",
+    "colorize",
+    "infer_probs",
+    "legend_entries",
+    "mask_image",
+    "overlay",
+    "palette",
+    "slide_logits",
+    "whole_logits",
+    "write_prediction",
+]
 
 
 def whole_logits(model: nn.Module, img: Tensor) -> Tensor:
@@ -100,10 +113,20 @@ def infer_probs(
     return total / (len(ratios) * (2 if flip else 1))
 
 
-def palette(num_classes: int, seed: int = 7) -> np.ndarray:
-    """A fixed ``(num_classes, 3)`` uint8 colour table (the same colours in every run)."""
-    rng = np.random.default_rng(seed)
-    return rng.integers(40, 256, size=(max(num_classes, 1), 3), dtype=np.uint8)
+# Class names that mean "nothing here": left untinted on overlays and black in the mask PNG.
+BACKGROUND_NAMES = frozenset({"background", "bg", "_background_", "__background__", "void", "unlabeled", "unlabelled"})
+# The ignore index (255) is white in the mask PNG (black is background).
+_IGNORE_RGB = (255, 255, 255)
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """A fixed ``(num_classes, 3)`` uint8 colour table: distinct colours, the same in every run."""
+    return distinct_colours(max(num_classes, 1))
+
+
+def background_classes(names: Sequence[str]) -> tuple[int, ...]:
+    """Indices of the classes named like a background (``background``, ``bg``, ``void``, ...; any case)."""
+    return tuple(i for i, n in enumerate(names) if str(n).strip().lower() in BACKGROUND_NAMES)
 
 
 def colorize(mask: np.ndarray, colours: np.ndarray) -> np.ndarray:
@@ -114,21 +137,83 @@ def colorize(mask: np.ndarray, colours: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, colours: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend the colourised mask over an RGB uint8 image ``(H, W, 3)``."""
-    blended = (1 - alpha) * image.astype(np.float32) + alpha * colorize(mask, colours).astype(np.float32)
-    return blended.clip(0, 255).astype(np.uint8)
+def overlay(
+    image: np.ndarray, mask: np.ndarray, colours: np.ndarray, alpha: float = 0.5, background: Sequence[int] = ()
+) -> np.ndarray:
+    """Blend the colourised mask over an RGB uint8 image ``(H, W, 3)``.
+
+    Pixels of the ``background`` classes and of the ignore index keep the image's own colours.
+    """
+    tinted = (1 - alpha) * image.astype(np.float32) + alpha * colorize(mask, colours).astype(np.float32)
+    out = tinted.clip(0, 255).astype(np.uint8)
+    untinted = (mask == IGNORE_INDEX) | np.isin(mask, np.asarray(background, dtype=np.int64))
+    out[untinted] = image[untinted]
+    return out
+
+
+def mask_image(mask: np.ndarray, colours: np.ndarray, background: Sequence[int] = ()) -> Image.Image:
+    """A palette ("P" mode) PNG image of a class-index mask: the pixel values stay the class indices (what tools
+    read back with ``np.asarray(Image.open(...))``) and viewers show the colours (background black, ignore white).
+    """
+    if mask.size and (mask.min() < 0 or (mask.max() > 255)):
+        raise ValueError("a mask PNG holds class indices 0..255 (255 = ignore): more than 255 classes do not fit")
+    table = np.zeros((256, 3), np.uint8)
+    n = min(len(colours), 255)
+    table[:n] = colours[:n]
+    for b in background:
+        if 0 <= b < 256:
+            table[b] = 0
+    table[IGNORE_INDEX] = _IGNORE_RGB
+    img = Image.fromarray(mask.astype(np.uint8), mode="L").convert("P")
+    img.putpalette(table.reshape(-1).tolist())
+    return img
+
+
+def legend_entries(
+    mask: np.ndarray, names: Sequence[str], colours: np.ndarray, background: Sequence[int] = ()
+) -> list[tuple[str, tuple[int, int, int]]]:
+    """``(name and pixel share, colour)`` of each class present in ``mask``, largest share first."""
+    ids, counts = np.unique(mask[mask != IGNORE_INDEX], return_counts=True)
+    entries = []
+    for i, c in sorted(zip(ids.tolist(), counts.tolist()), key=lambda t: -t[1]):
+        name = names[i] if i < len(names) else f"class {i}"
+        colour = (0, 0, 0) if i in background else tuple(int(v) for v in colours[i % len(colours)])
+        suffix = " (not tinted)" if i in background else ""
+        entries.append((f"{name} {100 * c / mask.size:.1f}%{suffix}", colour))
+    return entries
 
 
 def write_prediction(
-    image: np.ndarray, mask: np.ndarray, out_dir: str | Path, stem: str, colours: np.ndarray
+    image: np.ndarray,
+    mask: np.ndarray,
+    out_dir: str | Path,
+    stem: str,
+    colours: np.ndarray,
+    names: Sequence[str] | None = None,
+    background: Sequence[int] | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``<stem>_mask.png`` (class indices, 8-bit) and ``<stem>_overlay.png``; returns both paths."""
+    """Write ``<stem>_mask.png`` and ``<stem>_overlay.png``; returns both paths.
+
+    Args:
+        image: the RGB uint8 image ``(H, W, 3)``.
+        mask: class indices ``(H, W)`` (255 = ignore).
+        out_dir: the output folder.
+        stem: file name stem.
+        colours: the palette (:func:`palette`).
+        names: class names; with them the overlay gets a legend of the classes present and their pixel shares.
+        background: classes left untinted (default: those named like a background, see :func:`background_classes`).
+
+    The mask PNG holds the class indices with a colour palette; the overlay tints every non-background class.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if mask.max(initial=0) > 255:
-        raise ValueError("more than 256 classes do not fit an 8-bit mask PNG")
+    names = list(names) if names is not None else None
+    if background is None:
+        background = background_classes(names or [])
     mask_path, overlay_path = out / f"{stem}_mask.png", out / f"{stem}_overlay.png"
-    Image.fromarray(mask.astype(np.uint8), mode="L").save(mask_path)
-    Image.fromarray(overlay(image, mask, colours)).save(overlay_path)
+    mask_image(mask, colours, background).save(mask_path)
+    picture = Image.fromarray(overlay(image, mask, colours, background=background))
+    if names is not None:
+        picture = draw_legend(picture, legend_entries(mask, names, colours, background))
+    picture.save(overlay_path)
     return mask_path, overlay_path

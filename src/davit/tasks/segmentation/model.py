@@ -57,10 +57,6 @@ class UperNetDaViT(nn.Module):
         """Recompute the backbone's dual blocks in the backward pass (``train.grad_checkpointing``)."""
         self.backbone.set_grad_checkpointing(enable)
 
-    def set_memory_saving(self, level: str = "none") -> None:
-        """Memory-saving DaViT blocks in the backbone (``train.memory_saving``, see ``DaViT.set_memory_saving``)."""
-        self.backbone.set_memory_saving(level)
-
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Images ``(B, 3, H, W)`` -> ``{"out": (B, K, H, W)[, "aux": (B, K, H, W)]}``."""
         feats = self.backbone(x)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ...config import ConfigError, LoopConfig, ModelConfig, OptimConfig, SchedConfig, load_config
+from ...config import ConfigError, LoopConfig, ModelConfig, OptimConfig, SchedConfig
 from ...data.segmentation import (
     ADE20K_CLASSES,
     IGNORE_INDEX,
@@ -186,8 +186,10 @@ class SegConfig:
 
 
 def load_seg_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> SegConfig:
-    """Defaults < YAML recipe < ``key=value`` overrides."""
-    return load_config(SegConfig, path, list(overrides))
+    """:func:`davit.engine.run.load_run_config` for a segmentation recipe (name or path; None: the defaults)."""
+    from ...engine.run import load_run_config
+
+    return load_run_config(path, overrides, task="seg")[1]
 
 
 def class_names(data: SegDataConfig) -> tuple[str, ...]:
@@ -417,15 +419,12 @@ def train_segmentation(cfg: SegConfig) -> dict[str, Any]:
     return fit(cfg, SegTask(cfg))
 
 
-def _config_for_checkpoint(checkpoint: str | os.PathLike[str], config: str | os.PathLike[str] | None) -> SegConfig:
-    if config is None:
-        beside = Path(checkpoint).expanduser().parent / "config.yaml"
-        if not beside.is_file():
-            raise FileNotFoundError(
-                f"no config.yaml beside {checkpoint}; pass --config with the recipe the checkpoint was trained with"
-            )
-        config = beside
-    return load_seg_config(config)
+def _config_for_checkpoint(
+    checkpoint: str | os.PathLike[str], config: str | os.PathLike[str] | None, overrides: Sequence[str] = ()
+) -> SegConfig:
+    from ...engine.run import config_for_checkpoint
+
+    return config_for_checkpoint(checkpoint, config, overrides, task="seg")[1]
 
 
 def load_seg_model(
@@ -473,7 +472,7 @@ def predict_segmentation(
     aug: bool = False,
     device: str | torch.device = "auto",
 ) -> list[dict[str, Any]]:
-    """Segment image files; writes ``<stem>_mask.png`` (class indices) and ``<stem>_overlay.png`` per image.
+    """Segment image files; writes ``<stem>_mask.png`` (palette PNG of class indices) and ``<stem>_overlay.png``.
 
     Args:
         images: image files.
@@ -501,7 +500,7 @@ def predict_segmentation(
         probs = infer_probs(model, x.to(dev)[None], **_infer_kwargs(ev))  # (1, K, H, W)
         mask = probs[0].argmax(0).cpu().numpy().astype(np.int64)
         stem = Path(path).stem
-        mask_path, overlay_path = write_prediction(img.permute(1, 2, 0).numpy(), mask, out_dir, stem, colours)
+        mask_path, overlay_path = write_prediction(img.permute(1, 2, 0).numpy(), mask, out_dir, stem, colours, names)
         ids, counts = np.unique(mask, return_counts=True)
         share = {names[i]: round(100 * c / mask.size, 2) for i, c in zip(ids.tolist(), counts.tolist())}
         results.append({"image": str(path), "mask": str(mask_path), "overlay": str(overlay_path), "classes": share})

@@ -1,0 +1,294 @@
+"""Issue 14: nothing lost, nothing silently wrong, one clear line (faults and bad inputs)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from davit.config import ConfigError, read_yaml
+from davit.errors import DiskFullError, UserError, user_message
+from davit.weights import CheckpointError, atomic_write, read_checkpoint, remove_stale_temps
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO = f"""
+_base_: {ROOT / "configs/cls/digits.yaml"}
+model:
+  overrides: {{embed_dims: [8, 16, 32, 64], depths: [1, 1, 1, 1], num_heads: [1, 2, 2, 4], window_size: 4}}
+data: {{img_size: 16, val_split: 0.6}}
+train: {{epochs: 2, batch_size: 32, workers: 1, threads: 1, log_every: 5}}
+sched: {{warmup: 1}}
+"""
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+
+
+def _davit(*args: str) -> list[str]:
+    return [sys.executable, "-m", "davit", *args]
+
+
+def _one_line_error(stderr: str) -> bool:
+    errors = [line for line in stderr.splitlines() if ": error: " in line]
+    return "Traceback" not in stderr and len(errors) == 1
+
+
+# ------------------------------------------------------------------------------------- 11: errors from workers
+class _Bad(Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> int:
+        from davit.data import ImageReadError
+
+        raise ImageReadError(f"cannot read image /data/x{i}.jpg: truncated")
+
+
+def test_user_error_from_a_loader_worker_keeps_its_one_line_message() -> None:
+    with pytest.raises(UserError) as info:
+        next(iter(DataLoader(_Bad(), num_workers=1)))
+    assert str(info.value) == "cannot read image /data/x0.jpg: truncated"
+    assert user_message("plain") == "plain"
+
+
+# ------------------------------------------------------------------------------ 7, 8, 14: saves and their files
+def test_atomic_write_honours_the_umask_and_stale_temps_are_removed(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.txt", lambda tmp: Path(tmp).write_text("x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    stale = tmp_path / ".last.pt.ab3_xYz9.tmp"
+    stale.write_bytes(b"0" * 100)
+    keep = tmp_path / ".hidden.tmp"
+    keep.write_text("not ours")
+    assert remove_stale_temps(tmp_path) == [stale]
+    assert not stale.exists() and keep.exists()
+
+
+def test_disk_full_is_one_clear_error_and_the_previous_file_survives(tmp_path: Path) -> None:
+    dst = tmp_path / "last.pt"
+    dst.write_text("previous")
+
+    def full(tmp: str) -> None:
+        Path(tmp).write_bytes(b"1234")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    with pytest.raises(DiskFullError, match=r"the disk is full: saving .*last.pt needed 1.0 MiB"):
+        atomic_write(dst, full, size_hint=1 << 20)
+    with pytest.raises(DiskFullError):
+        atomic_write(dst, lambda tmp: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    assert dst.read_text() == "previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+# ---------------------------------------------------------------------------------------- 3, 13: weight files
+def _tiny():
+    from davit import create_model
+
+    return create_model("davit_tiny", num_classes=3, embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1),
+                        num_heads=(1, 2, 2, 4), window_size=4)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["nan", "int"])
+def test_nan_or_integer_weights_are_refused(tmp_path: Path, kind: str) -> None:
+    from davit.weights import load_checkpoint, save_safetensors
+
+    model = _tiny()
+    sd = model.state_dict()
+    if kind == "nan":
+        sd = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in sd.items()}
+    else:
+        sd = {k: v.long() for k, v in sd.items()}
+    save_safetensors(sd, tmp_path / "w.safetensors")
+    with pytest.raises(CheckpointError, match="NaN or infinite" if kind == "nan" else "int64 tensors"):
+        load_checkpoint(_tiny(), tmp_path / "w.safetensors")
+
+
+def test_transposed_head_and_non_checkpoints_get_their_own_message(tmp_path: Path) -> None:
+    from davit.weights import load_checkpoint
+
+    sd = _tiny().state_dict()
+    sd["head.fc.weight"] = sd["head.fc.weight"].T.contiguous()
+    with pytest.raises(CheckpointError, match="transposed"):
+        load_checkpoint(_tiny(), sd)
+    (tmp_path / "j.pth").write_text(json.dumps({"a": 1}))
+    with pytest.raises(CheckpointError, match="is a JSON file, not a checkpoint"):
+        read_checkpoint(tmp_path / "j.pth")
+    (tmp_path / "g.pth").write_bytes(os.urandom(64).replace(b"P", b"Q").replace(b"\x80", b"\x81") + b"z")
+    with pytest.raises(CheckpointError, match="unknown format"):
+        read_checkpoint(tmp_path / "g.pth")
+
+
+# ------------------------------------------------------------------------------------------- 2, 9: folders
+def test_eval_dataset_drops_unreadable_images_instead_of_counting_a_neighbour(tmp_path: Path) -> None:
+    from davit.data.classification import ImageFolderDataset, collate_readable
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / c / f"{i}.png")
+    (tmp_path / "a" / "broken.jpg").write_bytes(b"not a jpeg")
+    ds = ImageFolderDataset(tmp_path, lambda im: torch.zeros(1), substitute_unreadable=False)
+    batches = [b for b in DataLoader(ds, batch_size=4, collate_fn=collate_readable) if b is not None]
+    assert sum(len(t) for _, t in batches) == 6
+    assert ds.num_skipped == 1
+
+
+def test_symlink_loops_are_walked_once_and_other_classes_never_leak_in(tmp_path: Path) -> None:
+    from davit.data.classification import scan_image_folder
+
+    for c in ("a", "b", "c"):
+        (tmp_path / c).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / c / "x.png")
+        (tmp_path / c / "loop").symlink_to("..")
+    t0 = time.monotonic()
+    classes, samples = scan_image_folder(tmp_path)
+    assert time.monotonic() - t0 < 5
+    assert classes == ["a", "b", "c"] and len(samples) == 3
+
+
+# ------------------------------------------------------------------------------------ 10, 12: plain bad input
+def test_base_cycle_bogus_device_and_unknown_model_override(tmp_path: Path) -> None:
+    from davit import create_model
+    from davit.engine.evaluate import check_device
+
+    (tmp_path / "a.yaml").write_text("_base_: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        read_yaml(tmp_path / "a.yaml")
+    with pytest.raises(UserError, match="unknown device"):
+        check_device("bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no usable CUDA"):
+            check_device("cuda")
+    with pytest.raises(UserError, match="unknown DaViT config field bogus"):
+        create_model("davit_tiny", bogus=1)
+
+
+def test_decompression_bombs_are_image_read_errors_in_seg_and_det(tmp_path: Path, monkeypatch) -> None:
+    from davit.data import ImageReadError
+    from davit.data.segmentation import load_image
+    from davit.tasks.detection.predict import _read
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64x64 = 4096 > 2 x 100: PIL's bomb error
+    for read in (load_image, _read):
+        with pytest.raises(ImageReadError, match="big.png"):
+            read(tmp_path / "big.png")
+
+
+def _coco(tmp_path: Path, **changes) -> Path:
+    Image.new("RGB", (32, 32)).save(tmp_path / "1.png")
+    data = {
+        "images": [{"id": 1, "file_name": "1.png", "width": 32, "height": 32}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 10, 10]},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [float("nan"), 1, 10, 10]},
+        ],
+        "categories": [{"id": 1, "name": "x"}],
+    }
+    data.update(changes)
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    return tmp_path / "a.json"
+
+
+def test_coco_validation(tmp_path: Path) -> None:
+    from davit.data.coco import CocoDetection
+
+    ds = CocoDetection(tmp_path, _coco(tmp_path), train=True)
+    assert ds.skipped == {"boxes with NaN or infinite coordinates": 1}
+    assert not ds.has_masks
+    with pytest.raises(ValueError, match="'images' is a dict"):
+        CocoDetection(tmp_path, _coco(tmp_path, images={}))
+    ds = CocoDetection(tmp_path, _coco(tmp_path, annotations=[{"image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]}]))
+    assert ds.records[0].anns[0]["id"] == 1
+    bad = _coco(tmp_path, annotations=[{"id": 3, "image_id": 1, "category_id": 1, "bbox": "1,1,5,5"}])
+    with pytest.raises(ValueError, match=r"a.json: annotation 3 .* has bbox '1,1,5,5'"):
+        CocoDetection(tmp_path, bad)
+
+
+def test_predict_refuses_a_nonpositive_img_size(tmp_path: Path) -> None:
+    from davit.engine.evaluate import LoadedClassifier
+    from davit.engine.predict import predict_loaded
+
+    loaded = LoadedClassifier(_tiny().eval(), {"img_size": 16, "crop_pct": 1.0, "interpolation": "bicubic",
+                              "mean": (0.5,) * 3, "std": (0.5,) * 3}, ["a", "b", "c"], "test")  # fmt: skip
+    with pytest.raises(UserError, match="img_size must be a positive"):
+        predict_loaded(loaded, [Image.new("RGB", (8, 8))], img_size=0)
+    out = predict_loaded(loaded, [Image.new("RGB", (8, 8))] * 5, batch_size=2, optimize=False)
+    assert len(out) == 5
+
+
+# ------------------------------------------------------------------------------- 1, 5, 13: real CLI runs
+def test_diverged_weights_are_never_saved_nor_best(tmp_path: Path) -> None:
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(MICRO)
+    out = tmp_path / "run"
+    r = subprocess.run(
+        _davit("train", "--config", str(cfg), "--out", str(out), "train.epochs=0", "train.iters=6",
+               "train.eval_every=1", "optim.lr=1e30", "optim.grad_clip=0"),
+        env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert _one_line_error(r.stderr), r.stderr[-2000:]
+    for name in ("best.safetensors", "last.safetensors"):
+        if (out / name).exists():
+            w = read_checkpoint(out / name)
+            assert all(bool(torch.isfinite(v).all()) for v in w.values() if v.is_floating_point())
+    if (out / "metrics.jsonl").exists():
+        for line in (out / "metrics.jsonl").read_text().splitlines():
+            assert all(math.isfinite(v) for k, v in json.loads(line).items() if "loss" in k)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_saves_and_exits_130(tmp_path: Path) -> None:
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(MICRO.replace("epochs: 2", "epochs: 50"))
+    out = tmp_path / "run"
+    p = subprocess.Popen(_davit("train", "--config", str(cfg), "--out", str(out)), env=_env(),
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "last.pt").exists():
+            assert p.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        os.killpg(p.pid, signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    assert "resume with: davit train" in (out / "log.txt").read_text()
+
+
+def test_unreadable_random_numpy_is_not_a_pickle_payload_path(tmp_path: Path) -> None:
+    """A pickle payload in a .pth never runs: torch.load(weights_only=True) refuses it with one clear error."""
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"state_dict": Payload(), "x": np.zeros(1)}, f)
+    with pytest.raises(CheckpointError):
+        read_checkpoint(tmp_path / "evil.pth")
+    assert not marker.exists()
