@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
 
-.PHONY: setup demo test test-all lint bench
+.PHONY: setup demo test test-all lint bench docs
 
 setup: $(VENV)/.installed
 
@@ -26,3 +26,6 @@ lint: setup
 
 bench: setup
 	$(BIN)/davit benchmark
+
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site

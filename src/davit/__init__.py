@@ -13,6 +13,7 @@ from __future__ import annotations
 from . import accelerate
 from .data.transforms import create_transform, resolve_data_config
 from .factory import create_model
+from .hub import push_to_hub
 from .models import DaViT, DaViTConfig, count_params, list_models
 from .optimize import optimize
 from .weights import CheckpointError, convert_state_dict, list_weights, load_checkpoint
@@ -33,5 +34,6 @@ __all__ = [
     "list_weights",
     "load_checkpoint",
     "optimize",
+    "push_to_hub",
     "resolve_data_config",
 ]

@@ -465,6 +465,36 @@ def _export(a: argparse.Namespace) -> None:
         )
 
 
+# ---------------------------------------------------------------------------------------------------- hub (#18)
+def _add_hub(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "push",
+        help="publish a run's weights, config and a generated model card to the Hugging Face Hub",
+        description="davit push runs/t1 user/davit-tiny-pets; read back with create_model('hf-hub:user/...')",
+    )
+    p.add_argument("run", help="a davit train run folder (or a .safetensors file it wrote)")
+    p.add_argument("repo_id", nargs="?", help="user/name on the Hub (not needed with --to-folder)")
+    p.add_argument("--weights", default="best", choices=["best", "last"])
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--license", default="mit", help="the model card's license (default: mit)")
+    p.add_argument("--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT or huggingface.co)")
+    p.add_argument("--to-folder", default=None, help="write the repo's files to this folder instead of uploading")
+    p.set_defaults(func=_push)
+
+
+def _push(a: argparse.Namespace) -> None:
+    from .hub import push_to_hub, save_for_hub
+
+    if a.to_folder:
+        out = save_for_hub(a.run, a.to_folder, weights=a.weights, license=a.license, repo_id=a.repo_id)
+        print(f"wrote {out}; read it with davit.create_model('local-dir:{out}')")
+        return
+    if not a.repo_id:
+        raise ValueError("give the Hub repo to push to (user/name), or --to-folder DIR to write the files locally")
+    url = push_to_hub(a.run, a.repo_id, weights=a.weights, private=a.private, license=a.license, endpoint=a.endpoint)
+    print(f"pushed: {url}")
+
+
 # ---------------------------------------------------------------------------------------------------------- main
 _REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_zoo,
@@ -474,6 +504,7 @@ _REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_seg,
     _add_det,
     _add_perf,
+    _add_hub,
 ]
 
 
@@ -516,6 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"davit {args.command}: error: {e}", file=sys.stderr)
         return 3
+    # ImportError: an optional extra is missing; the message names the pip command.
     except (UserError, FileNotFoundError, NotADirectoryError, KeyError, ValueError, ImportError) as e:
         if args.verbose:
             raise

@@ -347,6 +347,9 @@ class LoopConfig:
         distributed: ``auto`` (DDP under torchrun) | ``none`` | ``ddp`` | ``fsdp``.
         threads: CPU threads per process for torch ops (0 = torch's default). Small models on a busy CPU run
             several times faster on 1 thread: OpenMP threads spin-wait for each other on tiny matrices.
+        loggers: experiment trackers (:mod:`davit.engine.loggers`): ``auto`` (TensorBoard when installed),
+            ``tensorboard``, ``wandb``, ``mlflow``; ``[]`` for none.
+        project: the W&B project / MLflow experiment name.
     """
 
     epochs: int = 0
@@ -368,8 +371,13 @@ class LoopConfig:
     device: str = "auto"
     distributed: str = "auto"
     threads: int = 0
+    loggers: tuple[str, ...] = ("auto",)
+    project: str = "davit"
 
     def __post_init__(self) -> None:
+        bad = [n for n in self.loggers if n not in ("auto", "none", "tensorboard", "wandb", "mlflow")]
+        if bad:
+            raise ValueError(f"train.loggers: unknown {bad[0]!r}; choose from auto, none, tensorboard, wandb, mlflow")
         if self.amp not in ("none", "bf16", "fp16"):
             raise ValueError(f"train.amp must be none, bf16 or fp16; got {self.amp!r}")
         if self.memory_saving not in ("none", "mlp", "all"):

@@ -42,7 +42,8 @@ def create_model(
 
     Args:
         name: a zoo name from :func:`davit.list_models`, optionally with a weight tag (``"davit_tiny.msft_in1k"``
-            implies ``pretrained="msft_in1k"``).
+            implies ``pretrained="msft_in1k"``); or ``"hf-hub:user/repo"`` (``local-dir:/folder``) for weights that
+            :func:`davit.hub.push_to_hub` published (their architecture and weights; ``pretrained`` is ignored).
         pretrained: False; True for the model's default published weights; a weight tag (``"msft_in1k"``); or a local
             checkpoint path in any supported format (official, timm, mmpretrain, Florence-2, ours).
         num_classes: classifier outputs. Default: the weights' class count when loading weights, else 1000. A count
@@ -65,6 +66,11 @@ def create_model(
     Raises:
         CheckpointError: the file holds another zoo model than ``name``, or a segmentation/detection model.
     """
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return _create_from_hub(
+            name, num_classes=num_classes, features_only=features_only, out_indices=out_indices, device=device,
+            dtype=dtype, **overrides,
+        )  # fmt: skip
     model_name, _, tag = name.partition(".")
     cfg = get_config(model_name)
     if tag and pretrained is False:
@@ -108,6 +114,20 @@ def create_model(
     if state is not None:
         load_checkpoint(model, state, strict=True, reset_head=num_classes is not None)
     model.pretrained_cfg = _pretrained_cfg(model_name, cfg.num_classes, info, meta, pretrained, reset)
+    return model
+
+
+def _create_from_hub(name: str, **kwargs: Any) -> DaViT:
+    """A model from a repo :func:`davit.hub.push_to_hub` wrote: its weights' header carries the architecture."""
+    from .hub import load_hub_files
+    from .models import list_models
+
+    weights, config = load_hub_files(name)
+    arch = config.get("architecture")
+    model = create_model(arch if arch in list_models() else "davit_tiny", pretrained=str(weights), **kwargs)
+    # Keep what loading the file recorded; add where it came from (and the repo's labels and preprocessing).
+    extra = {"hub_id": name, "class_names": config.get("class_names"), "preprocessing": config.get("preprocessing")}
+    model.pretrained_cfg = {**extra, **(getattr(model, "pretrained_cfg", None) or {}), "hub_id": name}
     return model
 
 

@@ -1,4 +1,5 @@
-"""data layer: classification datasets (ImageFolder/ImageNet, digits), transforms, batch mixing, image reading."""
+"""data layer: classification datasets (ImageFolder/ImageNet, Hugging Face datasets, webdataset shards, digits),
+transforms, batch mixing, image reading."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .classification import (
 from .config import IMAGENET_MEAN, IMAGENET_STD, ClsDataConfig
 from .image import IMAGE_EXTENSIONS, ImageReadError, is_image_file, load_rgb, to_rgb
 from .imagenet import imagenet_class_names
+from .sources import HFImageDataset, WebDatasetShards
 from .transforms import build_eval_transform, build_train_transform, eval_transform_from_config
 
 __all__ = [
@@ -23,9 +25,11 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ClsDataConfig",
     "DigitsDataset",
+    "HFImageDataset",
     "ImageFolderDataset",
     "ImageReadError",
     "Mixer",
+    "WebDatasetShards",
     "build_classification_datasets",
     "build_eval_transform",
     "build_mixup",

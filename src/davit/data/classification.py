@@ -70,6 +70,10 @@ def build_classification_datasets(
             DigitsDataset(val_idx, cfg.img_size, eval_tf),
             classes,
         )
+    if cfg.kind in ("hf", "wds"):
+        from .sources import build_hf_datasets, build_wds_datasets
+
+        return (build_hf_datasets if cfg.kind == "hf" else build_wds_datasets)(cfg, train_tf, eval_tf)
     if not cfg.root:
         raise FileNotFoundError("data.root is empty: set it to the dataset folder (e.g. data.root=/data/imagenet)")
     root = Path(cfg.root).expanduser()

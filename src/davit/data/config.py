@@ -15,7 +15,7 @@ __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ClsDataConfig"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_KINDS = ("digits", "imagefolder")
+_KINDS = ("digits", "imagefolder", "hf", "wds")
 _INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 
 
@@ -25,9 +25,14 @@ class ClsDataConfig:
 
     Attributes:
         kind: ``"imagefolder"`` (``root/train_dir/<class>/*.jpg`` and ``root/val_dir/<class>/*.jpg``, e.g. ImageNet)
-            or ``"digits"`` (the 8x8 handwritten digits scikit-learn ships, upscaled to ``img_size``; no download).
-        root: the dataset folder (ImageFolder only).
-        train_dir, val_dir: sub-folders of ``root``; ``val_dir=""`` trains without a validation set.
+            or ``"digits"`` (the 8x8 handwritten digits scikit-learn ships, upscaled to ``img_size``; no download),
+            ``"hf"`` (Hugging Face ``datasets``: a ``save_to_disk`` folder, a parquet folder or a hub name) or
+            ``"wds"`` (webdataset tar shards); see :mod:`davit.data.sources`.
+        root: the dataset folder (or, for ``hf``, a hub dataset name).
+        train_dir, val_dir: sub-folders of ``root`` (``hf``: split names, ``wds``: shard folders or globs);
+            ``val_dir=""`` trains without a validation set.
+        image_key, label_key: ``hf`` only: the image column (``""``: ``image`` or ``img``) and the label column.
+        streaming: ``hf`` only: stream the training split instead of downloading / memory-mapping it first.
         img_size: square input side the model sees.
         crop_pct: evaluation centre-crop fraction (resize the short side to ``img_size / crop_pct``, then crop).
         interpolation: resize interpolation for training and evaluation.
@@ -47,6 +52,9 @@ class ClsDataConfig:
     root: str = ""
     train_dir: str = "train"
     val_dir: str = "val"
+    image_key: str = ""
+    label_key: str = "label"
+    streaming: bool = False
     img_size: int = 224
     crop_pct: float = 0.9
     interpolation: str = "bicubic"
@@ -70,6 +78,8 @@ class ClsDataConfig:
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
             raise ValueError(f"data.kind must be one of {', '.join(_KINDS)}, not {self.kind!r}")
+        if self.streaming and self.kind != "hf":
+            raise ValueError("data.streaming=true needs data.kind=hf (webdataset shards are read in place already)")
         if self.img_size < 1:
             raise ValueError(f"data.img_size must be a positive number of pixels, not {self.img_size}")
         if not 0.0 < self.crop_pct <= 1.0:

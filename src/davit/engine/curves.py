@@ -1,4 +1,4 @@
-"""``curves.png``: training loss and evaluation metrics against epochs (matplotlib, Agg canvas, no pyplot)."""
+"""``curves.png``: training loss, evaluation metrics and the learning rate against epochs (matplotlib, Agg canvas)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ __all__ = ["plot_curves"]
 
 
 def plot_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike[str], primary: str) -> Path:
-    """Left: the training (and validation) losses per epoch; right: the primary metric (and top-5) per epoch."""
+    """Left: the training (and validation) losses per epoch; middle: the primary metric (and top-5) per epoch; right:
+    the learning rate at the end of each epoch (or evaluation interval)."""
     # A bare Figure renders with the Agg canvas without pyplot: no GUI backend, no global figure state.
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4), dpi=100)
-    ax_loss, ax_metric = fig.subplots(1, 2)
+    fig = Figure(figsize=(14, 4), dpi=100)
+    ax_loss, ax_metric, ax_lr = fig.subplots(1, 3)
     losses = sorted({k for r in history for k in r if k.endswith("loss") and k.startswith(("train_", "val_"))})
     for key in losses:
         xs = [r["epoch"] for r in history if key in r]
@@ -40,6 +41,12 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike[str],
     ax_metric.grid(alpha=0.3)
     if any(primary in r for r in history):
         ax_metric.legend()
+    lr_rows = [r for r in history if "lr" in r]
+    ax_lr.plot([r["epoch"] for r in lr_rows], [r["lr"] for r in lr_rows], marker=".", color="tab:green")
+    ax_lr.set_xlabel("epoch")
+    ax_lr.set_title("learning rate")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    ax_lr.grid(alpha=0.3)
     fig.tight_layout()
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 

@@ -6,7 +6,8 @@ checkpoints, logs and curves. A :class:`davit.engine.Task` owns the model, the d
 
 Outputs in ``cfg.out``: ``config.yaml``, ``log.txt``, ``metrics.jsonl`` (one line per epoch, or per evaluation in
 iteration-based runs), ``summary.json``, ``last.pt`` (full state), ``last.safetensors`` and ``best.safetensors``
-(weights with the model config and class names), ``curves.png``. All written atomically, by rank 0.
+(weights with the model config and class names), ``curves.png``. All written atomically, by rank 0. The same scalars
+go to the trackers of ``train.loggers`` (TensorBoard by default when installed; :mod:`davit.engine.loggers`).
 
 Bit-exact resume (CPU): the sampler's order is a function of ``(seed, epoch)``; every sample's augmentation is seeded
 from ``(seed, epoch, index)`` inside the dataset call, independent of workers and of where the run was resumed; the
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from ..accelerate import accelerate_enabled, install
 from ..allocator import tune_cpu_allocator
@@ -381,20 +382,23 @@ class _Run:
                 "lower train.batch_size or train.accum_steps"
             )
         collate = self.task.collate_fn()
-        self.sampler = ResumableSampler(len(train_ds), seed=tc.seed, rank=info.rank, world=info.world_size)
-        self.loader = DataLoader(
-            _SeededDataset(train_ds),
-            batch_size=tc.batch_size,
-            sampler=self.sampler,
-            num_workers=tc.workers,
-            collate_fn=collate,
-            drop_last=True,
-            pin_memory=self.device.type == "cuda",
-            worker_init_fn=_worker_init,
-            persistent_workers=tc.workers > 0,
-            # An explicit generator: the loader's worker base seed must not draw from the global RNG.
-            generator=torch.Generator().manual_seed(tc.seed),
-        )
+        if isinstance(train_ds, IterableDataset):  # a stream orders, shards and resumes itself: it is the sampler
+            self.sampler, self.loader = train_ds, self._stream_loader(train_ds, collate)
+        else:
+            self.sampler = ResumableSampler(len(train_ds), seed=tc.seed, rank=info.rank, world=info.world_size)
+            self.loader = DataLoader(
+                _SeededDataset(train_ds),
+                batch_size=tc.batch_size,
+                sampler=self.sampler,
+                num_workers=tc.workers,
+                collate_fn=collate,
+                drop_last=True,
+                pin_memory=self.device.type == "cuda",
+                worker_init_fn=_worker_init,
+                persistent_workers=tc.workers > 0,
+                # An explicit generator: the loader's worker base seed must not draw from the global RNG.
+                generator=torch.Generator().manual_seed(tc.seed),
+            )
         self.val_loader = None
         if val_ds is not None and len(val_ds) > 0:
             self.val_loader = DataLoader(
@@ -443,6 +447,23 @@ class _Run:
             self.steps_per_epoch,
             self.device,
             tc.amp,
+        )
+
+    def _stream_loader(self, train_ds: Any, collate: Any) -> DataLoader:
+        """The loader of a stream (``davit.data.sources.HFStream``): no sampler, the stream shards itself."""
+        tc, info = self.tc, self.info
+        train_ds.configure(seed=tc.seed, rank=info.rank, world=info.world_size, batch_size=tc.batch_size)
+        # Not persistent: each epoch's workers must receive the stream's new epoch and start position.
+        return DataLoader(
+            train_ds,
+            batch_size=tc.batch_size,
+            num_workers=tc.workers,
+            collate_fn=collate,
+            drop_last=True,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=_worker_init,
+            # Each iterator draws a base seed; from its own generator, not from the global RNG (dropout, mixup).
+            generator=torch.Generator().manual_seed(tc.seed),
         )
 
     # --------------------------------------------------------------------------------------------- state I/O
@@ -579,6 +600,12 @@ class _Run:
                 i = self.info
                 log.info("distributed: %s, rank %d/%d on %s (%s)", i.mode, i.rank, i.world_size, i.device, i.backend)
             self._build()
+            from .loggers import build_loggers
+
+            self.loggers = build_loggers(
+                self.tc.loggers, self.out, to_dict(self.cfg), enabled=self.info.is_main, project=self.tc.project
+            )
+            stack.callback(self.loggers.close)
             self.acc: dict[str, Tensor] = {}
             path = self._resume_path()
             if path is not None:
@@ -647,6 +674,7 @@ class _Run:
                         "epoch %d step %d/%d loss %.4f lr %.3e",
                         p.epoch + 1, p.step, self.total_steps, float(self._last_loss), self._last_lr,
                     )  # fmt: skip
+                    self.loggers.log_interval(p.step, float(self._last_loss), self._last_lr, p.train_images)
                 if self._stopping:
                     self._tick()
                     self._save()
@@ -791,6 +819,7 @@ class _Run:
         row["seconds"] = round(p.seconds, 3)
         row["images_per_second"] = round(p.train_images / max(p.train_seconds, 1e-9), 2)
         p.history.append(row)
+        self.loggers.log_row(row)
         primary = self.task.primary_metric
         # NaN compares False, but say it: a NaN metric must never become the best.
         improved = primary in metrics and math.isfinite(metrics[primary]) and metrics[primary] > p.best
