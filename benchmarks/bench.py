@@ -5,10 +5,14 @@
 
 Sections (each can be skipped with --skip NAME):
   gemm    this machine's fp32 (MKL and oneDNN) and bf16 GEMM rates, the ceilings the table's "peak" column uses;
-  infer   timm eager, timm exported to onnxruntime, ours eager, ours exported to onnxruntime, ``davit.optimize``
-          (and with ``compile=True``, unless --quick or --skip compile);
-          fp32 and bf16 (autocast), batch 1 latency (ms) and batch 32 throughput (images/s); every configuration
-          is timed in interleaved rounds in this process and reported as the median;
+  infer   every path a user would pick, per image size (224, and 768 = Florence-2's, at batch 1 and --big-batch)
+          and batch (1 latency in ms, 32 throughput in images/s), fp32 and bf16: peers timm eager (autocast for
+          bf16), timm compiled (torch.compile, weight freezing), timm exported to onnxruntime (fp32), timm converted
+          by OpenVINO (precision hint f32 / bf16, 2 threads, latency hint, 1 stream); ours eager, ``davit.optimize``
+          (and with ``compile=True``), our graph in onnxruntime and in OpenVINO (``davit.runtime``). Each row shows
+          its ratio to the best peer of its (size, batch, dtype), and a summary compares our default path and our
+          best path without a per-shape compile with that peer. Every configuration is timed in interleaved
+          rounds in this process and reported as the median; --skip compile / onnx / openvino drops those rows;
   train   one AdamW (PyTorch's fused kernel, both sides) + cross-entropy step, fp32 and bf16 autocast, each
           configuration in a fresh process: speed (images/s at batch 16 after 3 warm-up steps, ours vs timm, and
           ours with ``train.memory_saving=all``) and
@@ -22,7 +26,8 @@ Fairness: glibc's allocator hands large activations back to the OS after every o
 faults; the script re-executes itself with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=64G MALLOC_TOP_PAD_=512M``
 (--no-malloc-tuning keeps the default) and the setting applies to both sides equally (same process, or the same
 environment for the worker processes). Each sample records the CPU share the process got (CPU time / wall time /
-threads); the machine load is recorded at the start and end. Writes ``<out>/bench-<time>.json``, ``<out>/latest.json``
+threads); a row whose samples got less than 90% is marked * and the run warns (figures under load are no claims);
+the machine load is recorded at the start and end. Writes ``<out>/bench-<time>.json``, ``<out>/latest.json``
 and a PNG chart, and prints the table.
 """
 
@@ -49,6 +54,9 @@ from typing import Any
 MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736", "MALLOC_TOP_PAD_": "536870912"}
 HERE = Path(__file__).resolve().parent
 DROP_PATH = 0.1  # the paper's Tiny recipe; set on both sides (timm's default is 0, ours 0.1)
+# A sample taken while the process got less than this share of its threads' CPU time was slowed by other load: the
+# row is marked and the run warns (such figures are not claims).
+CPU_SHARE_MIN = 0.9
 
 
 def _reexec_with_malloc_tuning() -> None:
@@ -126,14 +134,14 @@ def _onnx_session(path: str, threads: int) -> Any:
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
-def _export_timm_onnx(model: Any, path: str) -> None:
+def _export_timm_onnx(model: Any, path: str, size: int = 224) -> None:
     import torch
 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
-            (torch.randn(1, 3, 224, 224),),
+            (torch.randn(1, 3, size, size),),
             path,
             input_names=["images"],
             output_names=["logits"],
@@ -143,7 +151,44 @@ def _export_timm_onnx(model: Any, path: str) -> None:
         )
 
 
+def _openvino_timm(model: Any, size: int, threads: int) -> dict[str, Any]:
+    """timm's model as an OpenVINO user deploys it: ``convert_model`` on the torch module (dynamic batch, fixed size),
+    compiled with an explicit precision hint (on AVX512-BF16/AMX CPUs OpenVINO defaults to bf16), latency hint, one
+    stream, ``threads`` inference threads. Returns ``{"fp32": compiled, "bf16": compiled}``."""
+    import openvino as ov
+    import torch
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = ov.convert_model(model, example_input=torch.randn(1, 3, size, size), input=[-1, 3, size, size])
+    core = ov.Core()
+    out = {}
+    for name, hint in (("fp32", "f32"), ("bf16", "bf16")):
+        cfg = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint}
+        out[name] = core.compile_model(graph, "CPU", {**cfg, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1})
+    return out
+
+
+def _compile_timm(model: Any) -> Any:
+    """timm under ``torch.compile`` (Inductor) with the weight freezing ``davit.optimize(compile=True)`` uses, so both
+    compiled rows get the same compiler settings."""
+    import torch
+
+    return torch.compile(copy.deepcopy(model), options={"freezing": True})
+
+
+def low_cpu_share(row: dict[str, Any]) -> bool:
+    """Whether a row's samples ran while the process got less than 90% of its CPU time (other load on the cores)."""
+    return row.get("cpu_share", 1.0) < CPU_SHARE_MIN
+
+
 def bench_infer(args: argparse.Namespace, flops_per_image: float) -> dict[str, Any]:
+    """Every inference path a user would pick, per (image size, batch), timed in interleaved rounds in this process.
+
+    Peers: timm eager, timm compiled, timm exported to onnxruntime, timm converted by OpenVINO. Ours: eager,
+    ``davit.optimize`` (default and ``compile=True``), and our graph in onnxruntime and OpenVINO (``davit.runtime``).
+    fp32 and bf16 (autocast for the eager peers, the precision hint for OpenVINO; onnxruntime has no bf16 path).
+    """
     import numpy as np
     import timm
     import torch
@@ -160,82 +205,118 @@ def bench_infer(args: argparse.Namespace, flops_per_image: float) -> dict[str, A
     ref.load_state_dict(_timm_sd_from_ours(ours.state_dict(), ref))
     tmp = tempfile.mkdtemp(prefix="davit-bench-")
     info: dict[str, Any] = {}
-    sess: dict[str, Any] = {}
+    ours_sess = None
     if "onnx" not in args.skip:
-        t0 = time.perf_counter()
-        _export_timm_onnx(ref, f"{tmp}/timm.onnx")
-        info["timm_onnx_export_s"] = round(time.perf_counter() - t0, 1)
         exp = export_onnx(ours, f"{tmp}/ours.onnx", check_sizes=((2, 224, 224),))
         info["ours_onnx_export_s"] = exp["seconds"]
         info["ours_onnx_max_abs_err"] = exp["max_abs_err"]
-        sess["timm"] = _onnx_session(f"{tmp}/timm.onnx", threads)
-        sess["ours"] = _onnx_session(f"{tmp}/ours.onnx", threads)
+        ours_sess = _onnx_session(f"{tmp}/ours.onnx", threads)  # dynamic batch, height and width: one for all sizes
+    ours_ov: dict[str, Any] = {}
+    if "openvino" not in args.skip:
+        from davit.runtime import to_runtime
+
+        for dtype_name in ("fp32", "bf16"):
+            t0 = time.perf_counter()
+            ours_ov[dtype_name] = to_runtime(ours, "openvino", dtype=dtype_name, threads=threads)
+            info[f"ours_openvino_{dtype_name}_convert_s"] = round(time.perf_counter() - t0, 1)
 
     def bf16() -> Any:
         return torch.autocast("cpu", dtype=torch.bfloat16)
 
+    def run(m: Any, x: Any, ctx: Callable[[], Any] | None = None) -> Callable[[], Any]:
+        def fn() -> Any:
+            with torch.inference_mode(), ctx() if ctx else contextlib.nullcontext():
+                return m(x)
+
+        return fn
+
+    compile_on = "compile" not in args.skip
     results: dict[str, Any] = {}
-    batches = [1, args.batch]
-    for batch in batches:
-        x = torch.randn(batch, 3, 224, 224)
-        xn = x.numpy()
-        fast: dict[str, Any] = {}
-        for dtype_name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-            for comp in (False, True) if "compile" not in args.skip else (False,):
-                key = dtype_name + ("+compile" if comp else "")
-                t0 = time.perf_counter()
-                # optimize sets no process-wide allocator policy: the run's setting applies to both sides
-                fast[key] = optimize(copy.deepcopy(ours), example_input=x, dtype=dtype, compile=comp)
-                info[f"optimize_{key}_b{batch}_s"] = round(time.perf_counter() - t0, 1)
-
-        def run(m: Any, ctx: Callable[[], Any] | None = None, x: Any = x) -> Callable[[], Any]:
-            def fn() -> Any:
-                with torch.inference_mode(), ctx() if ctx else contextlib.nullcontext():
-                    return m(x)
-
-            return fn
-
-        cands: dict[str, Callable[[], Any]] = {
-            "fp32/timm eager": run(ref),
-            "fp32/ours eager": run(ours),
-            "fp32/ours optimize": run(fast["fp32"]),
-            "bf16/timm eager": run(ref, bf16),
-            "bf16/ours eager": run(ours, bf16),
-            "bf16/ours optimize": run(fast["bf16"]),
-        }
-        for key in ("fp32+compile", "bf16+compile"):
-            if key in fast:
-                cands[f"{key[:4]}/ours optimize compile"] = run(fast[key])
-        for side, s in sess.items():
-            name = s.get_inputs()[0].name
-            cands[f"fp32/{side} onnxruntime"] = lambda s=s, name=name, xn=xn: s.run(None, {name: xn})
-        # Numerics of every path against our eager fp32 logits (relative to the largest logit).
-        with torch.inference_mode():
-            base = ours(x).float()
-        errs = {}
-        for k, call in cands.items():
-            out = call()
-            out = torch.from_numpy(np.asarray(out[0])) if isinstance(out, list) else out
-            errs[k] = float((out.float() - base).abs().max() / base.abs().max())
-        rounds = args.rounds if batch > 1 else args.rounds + 2
-        reps = 1 if batch > 1 else (3 if args.quick else 5)
-        timed = interleaved(cands, rounds=rounds, reps=reps, threads=threads)
-        for k, v in timed.items():
-            dtype_name = k.split("/")[0]
-            ips = batch / v["sec"]
-            peak = args.gemm.get(dtype_name)
-            results[f"b{batch}/{k}"] = {
-                "batch": batch,
-                "dtype": dtype_name,
-                "path": k.split("/", 1)[1],
-                "ms": round(v["sec"] * 1000, 2),
-                "img_s": round(ips, 2),
-                "spread": round(v["spread"], 3),
-                "cpu_share": round(v["cpu_share"], 2),
-                "rel_err_vs_ours_fp32": errs[k],
-                "gemm_peak_frac": round(ips * flops_per_image / (peak * 1e9), 3) if peak else None,
-            }
-        print(f"  batch {batch} done (load {os.getloadavg()[0]:.1f})", flush=True)
+    for size in args.sizes:
+        timm_sess = timm_ov = None
+        if "onnx" not in args.skip:
+            t0 = time.perf_counter()
+            _export_timm_onnx(ref, f"{tmp}/timm{size}.onnx", size)  # timm's graph bakes the spatial size in
+            info[f"timm_onnx_export_{size}_s"] = round(time.perf_counter() - t0, 1)
+            timm_sess = _onnx_session(f"{tmp}/timm{size}.onnx", threads)
+        if "openvino" not in args.skip:
+            t0 = time.perf_counter()
+            timm_ov = _openvino_timm(ref, size, threads)
+            info[f"timm_openvino_{size}_convert_s"] = round(time.perf_counter() - t0, 1)
+        batches = [1, args.batch] if size == 224 else [1, args.big_batch]
+        for batch in batches:
+            x = torch.randn(batch, 3, size, size)
+            xn = x.numpy()
+            fast: dict[str, Any] = {}
+            for dtype_name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+                for comp in (False, True) if compile_on else (False,):
+                    key = dtype_name + ("+compile" if comp else "")
+                    t0 = time.perf_counter()
+                    # optimize sets no process-wide allocator policy: the run's setting applies to both sides
+                    fast[key] = optimize(copy.deepcopy(ours), example_input=x, dtype=dtype, compile=comp)
+                    info[f"optimize_{key}_{size}_b{batch}_s"] = round(time.perf_counter() - t0, 1)
+            cands: dict[str, Callable[[], Any]] = {}
+            for dtype_name, ctx in (("fp32", None), ("bf16", bf16)):
+                cands[f"{dtype_name}/timm eager"] = run(ref, x, ctx)
+                if compile_on:
+                    t0 = time.perf_counter()
+                    compiled = _compile_timm(ref)
+                    run(compiled, x, ctx)()  # compile now, outside the timed rounds
+                    info[f"timm_compile_{dtype_name}_{size}_b{batch}_s"] = round(time.perf_counter() - t0, 1)
+                    cands[f"{dtype_name}/timm compiled"] = run(compiled, x, ctx)
+                if timm_ov is not None:
+                    cands[f"{dtype_name}/timm openvino"] = lambda c=timm_ov[dtype_name], xn=xn: c(xn, share_inputs=True)
+                if timm_sess is not None and dtype_name == "fp32":
+                    name = timm_sess.get_inputs()[0].name
+                    cands["fp32/timm onnxruntime"] = lambda s=timm_sess, name=name, xn=xn: s.run(None, {name: xn})
+                cands[f"{dtype_name}/ours eager"] = run(ours, x, ctx)
+                cands[f"{dtype_name}/ours optimize"] = run(fast[dtype_name], x)
+                if compile_on:
+                    cands[f"{dtype_name}/ours optimize compile"] = run(fast[f"{dtype_name}+compile"], x)
+                if dtype_name in ours_ov:
+                    cands[f"{dtype_name}/ours openvino"] = run(ours_ov[dtype_name], x)
+                if ours_sess is not None and dtype_name == "fp32":
+                    name = ours_sess.get_inputs()[0].name
+                    cands["fp32/ours onnxruntime"] = lambda s=ours_sess, name=name, xn=xn: s.run(None, {name: xn})
+            # Numerics of every path against our eager fp32 logits (relative to the largest logit).
+            with torch.inference_mode():
+                base = ours(x).float()
+            errs = {}
+            for k, call in cands.items():
+                out = call()
+                if not isinstance(out, torch.Tensor):  # onnxruntime: a list of arrays; OpenVINO: its result object
+                    out = torch.from_numpy(np.asarray(out[0]))
+                errs[k] = float((out.float() - base).abs().max() / base.abs().max())
+            big = batch > 1 or size > 224
+            rounds = args.rounds if big else args.rounds + 2
+            reps = 1 if big else (3 if args.quick else 5)
+            timed = interleaved(cands, rounds=rounds, reps=reps, threads=threads)
+            flops = flops_per_image * (size / 224) ** 2  # the cost is linear in pixels (windows are a fixed size)
+            for k, v in timed.items():
+                dtype_name = k.split("/")[0]
+                ips = batch / v["sec"]
+                peak = args.gemm.get(dtype_name)
+                prefix = f"b{batch}" if size == 224 else f"{size}/b{batch}"
+                results[f"{prefix}/{k}"] = {
+                    "size": size,
+                    "batch": batch,
+                    "dtype": dtype_name,
+                    "path": k.split("/", 1)[1],
+                    "ms": round(v["sec"] * 1000, 2),
+                    "img_s": round(ips, 2),
+                    "spread": round(v["spread"], 3),
+                    "cpu_share": round(v["cpu_share"], 2),
+                    "rel_err_vs_ours_fp32": errs[k],
+                    "gemm_peak_frac": round(ips * flops / (peak * 1e9), 3) if peak else None,
+                }
+            low = [k for k, v in timed.items() if v["cpu_share"] < CPU_SHARE_MIN]
+            if low:
+                print(
+                    f"  WARNING: {size}px batch {batch}: the process got < {CPU_SHARE_MIN:.0%} of its CPU time in "
+                    f"{len(low)} of {len(timed)} rows (marked *): other load on the cores, those figures are no claims",
+                    flush=True,
+                )
+            print(f"  {size}px batch {batch} done (load {os.getloadavg()[0]:.1f})", flush=True)
     return {"rows": results, "info": info}
 
 
@@ -419,11 +500,11 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     """Speed (batch --train-batch, the allocator setting) and memory (batch --mem-batch, glibc's defaults, which
     return freed memory to the OS as users' processes do), each configuration in a fresh process."""
     runs: dict[str, list[dict[str, Any]]] = {}
-    plans = [("speed", c, args.train_batch) for c in SPEED_CONFIGS] + [
-        ("memory", c, args.mem_batch) for c in MEMORY_CONFIGS
-    ]
+    plans = [("speed", c, args.train_batch) for c in SPEED_CONFIGS]
+    if "memory" not in args.skip:
+        plans += [("memory", c, args.mem_batch) for c in MEMORY_CONFIGS]
     # Configurations alternate over rounds so load spikes hit both sides.
-    for rnd in range(1 if args.quick else 2):
+    for rnd in range(args.train_rounds):
         for what, (impl, level, ckpt, alloc), batch in plans:
             if what == "memory" and rnd:
                 continue  # memory does not depend on the machine's load: one round
@@ -451,8 +532,27 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
         if not ok:
             rows[name] = rs[0]
             continue
-        best = max(ok, key=lambda r: r["img_s"])  # the least disturbed run: load only ever slows a run down
-        rows[name] = {**best, "peak_rss_mb": max(r["peak_rss_mb"] for r in ok), "runs": len(ok)}
+        # The median run is the figure (robust to a load spike either side); the best one is kept beside it (load only
+        # ever slows a run down), and so is the lowest CPU share any round got.
+        speeds = sorted(ok, key=lambda r: r["img_s"])
+        mid = speeds[(len(speeds) - 1) // 2]
+        rows[name] = {
+            **mid,
+            "img_s_max": speeds[-1]["img_s"],
+            "cpu_share_min": min(r["cpu_share"] for r in ok),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in ok),
+            "runs": len(ok),
+        }
+    # Paired per round (timm and ours ran back to back in each round, so a load spike hits both): median ratio.
+    for name, rs in runs.items():
+        what, dtype, impl = name.split("/", 2)
+        peer = runs.get(f"{what}/{dtype}/timm")
+        if what != "speed" or impl == "timm" or not peer:
+            continue
+        pairs = [a["img_s"] / b["img_s"] for a, b in zip(rs, peer) if "error" not in a and "error" not in b]
+        if pairs:
+            rows[name]["vs_timm_paired"] = [round(p, 3) for p in pairs]
+            rows[name]["vs_timm_median"] = round(statistics.median(pairs), 3)
     return rows
 
 
@@ -515,6 +615,46 @@ def flops_per_image(model_name: str) -> float:
     return float(fc.get_total_flops())
 
 
+def summarize_infer(rows: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per (size, batch, dtype): the best peer (timm by any path), our default path (``davit.optimize``), our best
+    path without a per-shape compile, and their ratios (speed: > 1 means ours is faster)."""
+    groups: dict[tuple[int, int, str], list[dict[str, Any]]] = {}
+    for r in rows.values():
+        groups.setdefault((r.get("size", 224), r["batch"], r["dtype"]), []).append(r)
+    out = []
+    for (size, batch, dtype), rs in groups.items():
+        peers = [r for r in rs if r["path"].startswith("timm")]
+        ours = [
+            r for r in rs if r["path"].startswith("ours") and "compile" not in r["path"] and r["path"] != "ours eager"
+        ]
+        if not peers or not ours:
+            continue
+        best_peer = max(peers, key=lambda r: r["img_s"])
+        default = next((r for r in ours if r["path"] == "ours optimize"), None)
+        best_ours = max(ours, key=lambda r: r["img_s"])
+        out.append(
+            {
+                "size": size,
+                "batch": batch,
+                "dtype": dtype,
+                "best_peer": best_peer["path"],
+                "best_peer_img_s": best_peer["img_s"],
+                "default_img_s": default["img_s"] if default else None,
+                "default_vs_best_peer": round(default["img_s"] / best_peer["img_s"], 3) if default else None,
+                "best_ours": best_ours["path"],
+                "best_ours_img_s": best_ours["img_s"],
+                "best_ours_vs_best_peer": round(best_ours["img_s"] / best_peer["img_s"], 3),
+                "low_cpu_share": any(low_cpu_share(r) for r in (best_peer, best_ours, *([default] if default else []))),
+            }
+        )
+    return out
+
+
+def _fmt_speed(r: dict[str, Any]) -> str:
+    """ms per batch-1 call, images/s for batches."""
+    return f"{r['ms']:.1f} ms" if r["batch"] == 1 else f"{r['img_s']:.1f} img/s"
+
+
 def print_table(res: dict[str, Any]) -> None:
     print(
         f"\n{res['meta']['model']}  |  {res['meta']['cpu']}  |  {res['meta']['threads']} threads  |  load "
@@ -523,18 +663,58 @@ def print_table(res: dict[str, Any]) -> None:
     )
     rows = res.get("infer", {}).get("rows", {})
     if rows:
-        print(f"\n{'inference':<34}{'ms':>9}{'img/s':>9}{'vs timm':>9}{'of peak':>9}{'cpu':>6}{'rel err':>10}")
+        print(
+            f"\n{'inference':<40}{'ms':>9}{'img/s':>9}{'vs best':>9}{'vs timm':>9}{'of peak':>9}{'cpu':>7}"
+            f"{'rel err':>10}\n{'':<40}{'':>9}{'':>9}{'peer':>9}{'eager':>9}"
+        )
+        groups: dict[tuple[int, int, str], list[dict[str, Any]]] = {}
         for r in rows.values():
-            timm_key = f"b{r['batch']}/{r['dtype']}/timm eager"
-            ratio = r["img_s"] / rows[timm_key]["img_s"] if timm_key in rows else float("nan")
-            peak = f"{r['gemm_peak_frac']:.0%}" if r["gemm_peak_frac"] is not None else "-"
+            groups.setdefault((r.get("size", 224), r["batch"], r["dtype"]), []).append(r)
+        for (size, batch, dtype), rs in groups.items():
+            peers = [r for r in rs if r["path"].startswith("timm")]
+            best = max((r["img_s"] for r in peers), default=float("nan"))
+            eager = next((r["img_s"] for r in peers if r["path"] == "timm eager"), float("nan"))
+            print(f"{size}px b{batch} {dtype}")
+            for r in rs:
+                peak = f"{r['gemm_peak_frac']:.0%}" if r["gemm_peak_frac"] is not None else "-"
+                mark = "*" if low_cpu_share(r) else " "
+                print(
+                    f"  {r['path']:<38}{r['ms']:>9.1f}{r['img_s']:>9.2f}{r['img_s'] / best:>8.2f}x"
+                    f"{r['img_s'] / eager:>8.2f}x{peak:>9}{r['cpu_share']:>6.2f}{mark}"
+                    f"{r['rel_err_vs_ours_fp32']:>10.1e}"
+                )
+        summary = res["infer"].get("summary", [])
+        if summary:
             print(
-                f"{'b' + str(r['batch']) + ' ' + r['dtype'] + ' ' + r['path']:<34}{r['ms']:>9.1f}{r['img_s']:>9.1f}"
-                f"{ratio:>8.2f}x{peak:>9}{r['cpu_share']:>6.2f}{r['rel_err_vs_ours_fp32']:>10.1e}"
+                f"\nsummary: ours vs the best peer (ratio > 1: ours faster)\n{'':<22}{'best peer':<26}"
+                f"{'davit.optimize':>16}{'ratio':>8}  {'ours, best path':<30}{'ratio':>8}"
+            )
+            for s in summary:
+                find = {
+                    r["path"]: r
+                    for r in rows.values()
+                    if (r.get("size", 224), r["batch"], r["dtype"]) == (s["size"], s["batch"], s["dtype"])
+                }
+                peer, ours = find[s["best_peer"]], find[s["best_ours"]]
+                default = find.get("ours optimize")
+                mark = " *" if s["low_cpu_share"] else ""
+                dflt = f"{_fmt_speed(default):>16}{s['default_vs_best_peer']:>7.2f}x" if default else f"{'-':>24}"
+                print(
+                    f"{str(s['size']) + 'px b' + str(s['batch']) + ' ' + s['dtype']:<22}"
+                    f"{s['best_peer'][5:] + ' ' + _fmt_speed(peer):<26}{dflt}"
+                    f"  {s['best_ours'][5:] + ' ' + _fmt_speed(ours):<30}{s['best_ours_vs_best_peer']:>7.2f}x{mark}"
+                )
+        if any(low_cpu_share(r) for r in rows.values()):
+            print(
+                f"  * the process got < {CPU_SHARE_MIN:.0%} of its CPU time while these rows were timed (other load):"
+                " not claims"
             )
     train = res.get("train", {})
     if train:
-        print(f"\n{'training step (speed)':<40}{'img/s':>9}{'vs timm':>9}{'cpu':>6}")
+        print(
+            f"\n{'training step (speed, median of rounds)':<40}{'img/s':>9}{'vs timm':>9}{'paired':>9}{'best':>8}"
+            f"{'cpu min':>8}{'rounds':>7}"
+        )
         for k, r in train.items():
             if k.startswith("speed/"):
                 t = train.get(f"speed/{k.split('/')[1]}/timm", {})
@@ -542,7 +722,13 @@ def print_table(res: dict[str, Any]) -> None:
                     print(f"{k[6:]:<40} error: {r['error']}")
                     continue
                 sp = r["img_s"] / t["img_s"] if t.get("img_s") else float("nan")
-                print(f"{k[6:] + ' b' + str(r['batch']):<40}{r['img_s']:>9.2f}{sp:>8.2f}x{r['cpu_share']:>6.2f}")
+                paired = f"{r['vs_timm_median']:>8.2f}x" if "vs_timm_median" in r else f"{'':>9}"
+                cpu = r.get("cpu_share_min", r["cpu_share"])
+                mark = "*" if cpu < CPU_SHARE_MIN else " "
+                print(
+                    f"{k[6:] + ' b' + str(r['batch']):<40}{r['img_s']:>9.2f}{sp:>8.2f}x{paired}"
+                    f"{r.get('img_s_max', r['img_s']):>8.2f}{cpu:>7.2f}{mark}{r.get('runs', 1):>7}"
+                )
         print(
             f"\n{'training step (memory)':<40}{'peak RSS MB':>12}{'vs timm':>9}{'saved MB':>10}{'vs timm':>9}"
             f"{'img/s':>7}"
@@ -587,7 +773,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(21, 4.8))
     rows = res.get("infer", {}).get("rows", {})
     for ax, batch, key, label in ((axes[0], res["meta"]["batch"], "img_s", "images/s"), (axes[1], 1, "ms", "ms")):
-        sel = {k.split("/", 1)[1]: r[key] for k, r in rows.items() if r["batch"] == batch}
+        sel = {k.split("/", 1)[1]: r[key] for k, r in rows.items() if r["batch"] == batch and r.get("size", 224) == 224}
         if sel:
             names = list(sel)
             colors = ["tab:orange" if "timm" in n else "tab:blue" for n in names]
@@ -654,8 +840,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-batch", type=int, default=None, help="training speed batch (default 16, quick 8)")
     p.add_argument("--mem-batch", type=int, default=None, help="training memory batch (default 32, quick 8)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 7, quick 3)")
+    p.add_argument("--train-rounds", type=int, default=None, help="training speed rounds, median reported (default 5)")
+    p.add_argument("--sizes", default=None, help="inference image sizes (default 224,768; quick 224)")
+    p.add_argument("--big-batch", type=int, default=4, help="the small throughput batch above 224 px (default 4)")
     p.add_argument(
-        "--skip", default="", help="comma list of sections to skip: gemm,infer,onnx,compile,train,scale,alloc,hires"
+        "--skip",
+        default="",
+        help="comma list of sections to skip: gemm,infer,onnx,openvino,compile,train,memory,scale,alloc,hires",
     )
     p.add_argument("--no-malloc-tuning", action="store_true", help="keep glibc's default allocator settings")
     p.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
@@ -667,7 +858,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.train_batch = a.train_batch or (8 if a.quick else 16)
     a.mem_batch = a.mem_batch or (8 if a.quick else 32)
     a.rounds = a.rounds or (3 if a.quick else 7)
+    a.train_rounds = a.train_rounds or (1 if a.quick else 5)
     a.scale_sizes = [224, 448] if a.quick else [224, 448, 896, 1344]
+    a.sizes = [int(v) for v in (a.sizes or ("224" if a.quick else "224,768")).split(",") if v.strip()]
     return a
 
 
@@ -682,6 +875,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.no_malloc_tuning:
         _reexec_with_malloc_tuning()
     import onnxruntime
+    import openvino
     import timm
     import torch
 
@@ -701,6 +895,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "torch": torch.__version__,
             "timm": timm.__version__,
             "onnxruntime": onnxruntime.__version__,
+            "openvino": openvino.__version__.split("-")[0],
             "davit": davit.__version__,
             "commit": _git_commit(),
             "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV},
@@ -715,6 +910,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res["meta"]["flops_per_image"] = flops_per_image(args.model)
     if "infer" not in args.skip:
         res["infer"] = bench_infer(args, res["meta"]["flops_per_image"])
+        res["infer"]["summary"] = summarize_infer(res["infer"]["rows"])
     if "scale" not in args.skip:
         res["scale"] = bench_scale(args)
     if "alloc" not in args.skip:

@@ -413,17 +413,19 @@ def _add_perf(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_benchmark)
 
     p = _parser(
-        sub, "export", "export a classifier or segmenter to ONNX (checked in onnxruntime) or torch.export",
+        sub, "export", "export a classifier or segmenter to ONNX (checked in onnxruntime), OpenVINO IR or torch.export",
         description="Export a trained model; the file's own metadata gives the architecture, classes and "
         "preprocessing.\n\n  davit export runs/digits/best.safetensors --out digits.onnx\n"
         "  davit export --model davit_tiny --weights msft_in1k --out tiny.onnx",
     )  # fmt: skip
     p.add_argument("checkpoint", nargs="?", default=None, help="a checkpoint file (any supported layout)")
-    p.add_argument("--out", default=None, help="output file: .onnx, or .pt2 with --format torch_export")
+    p.add_argument(
+        "--out", default=None, help="output file: .onnx, .xml with --format openvino, .pt2 with --format torch_export"
+    )
     p.add_argument("--model", default=None, help="zoo name (not needed when the checkpoint records it)")
     p.add_argument("--weights", default=None, help="published weight tag, or 'true' for the default weights")
     p.add_argument("--random-weights", action="store_true", help="export a randomly initialised model on purpose")
-    p.add_argument("--format", default="onnx", choices=["onnx", "torch_export"], help="file format")
+    p.add_argument("--format", default="onnx", choices=["onnx", "torch_export", "openvino"], help="file format")
     p.add_argument("--img-size", type=int, default=None, help="example image side traced (default: the weights')")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset")
     _json(p)
@@ -445,7 +447,7 @@ def _benchmark(a: argparse.Namespace) -> int:
 def _export(a: argparse.Namespace) -> None:
     from .export import export_model
 
-    if a.out is None and a.checkpoint and a.checkpoint.endswith((".onnx", ".pt2")):
+    if a.out is None and a.checkpoint and a.checkpoint.endswith((".onnx", ".pt2", ".xml")):
         a.out, a.checkpoint = a.checkpoint, None  # the older `davit export OUT --model ...` form
     if a.out is None:
         raise ValueError("pass --out FILE.onnx (or FILE.pt2 with --format torch_export)")

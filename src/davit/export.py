@@ -31,7 +31,7 @@ from torch import nn
 
 from .accelerate import installed, uninstall
 
-__all__ = ["check_onnx", "export_model", "export_onnx", "export_program"]
+__all__ = ["check_onnx", "export_model", "export_onnx", "export_openvino_ir", "export_program"]
 
 log = logging.getLogger(__name__)
 
@@ -206,10 +206,11 @@ def export_model(
 
     Args:
         name: zoo name, e.g. ``"davit_tiny"``; optional with a checkpoint that records it, and it must agree.
-        out: output path (``.onnx`` for ONNX, ``.pt2`` for ``torch_export``).
+        out: output path (``.onnx`` for ONNX, ``.pt2`` for ``torch_export``, ``.xml`` (+ ``.bin``) for ``openvino``).
         weights: a published weight tag, or ``"true"`` for the default weights (see ``davit.list_weights``).
         checkpoint: a checkpoint file: a classifier in any supported layout, or a ``davit train`` segmentation run.
-        fmt: ``"onnx"`` or ``"torch_export"``.
+        fmt: ``"onnx"``, ``"torch_export"`` or ``"openvino"`` (a classifier as an OpenVINO IR, see
+            :func:`export_openvino_ir`).
         img_size: the example image side (default: the weights' own).
         opset: ONNX opset.
         random_weights: export a randomly initialised model (refused otherwise: a file that looks trained but is not).
@@ -224,9 +225,11 @@ def export_model(
     """
     from .factory import create_model, file_metadata
 
-    if fmt not in ("onnx", "torch_export"):
-        raise ValueError(f"unknown export format {fmt!r}; use 'onnx' or 'torch_export'")
+    if fmt not in ("onnx", "torch_export", "openvino"):
+        raise ValueError(f"unknown export format {fmt!r}; use 'onnx', 'torch_export' or 'openvino'")
     suffix = Path(out).suffix.lower()
+    if fmt == "openvino" and suffix != ".xml":
+        raise ValueError(f"{out}: the openvino format writes NAME.xml (+ NAME.bin); name it .xml")
     if fmt == "onnx" and suffix != ".onnx":
         raise ValueError(f"{out}: the onnx format writes a .onnx file; name it .onnx, or pass --format torch_export")
     if fmt == "torch_export" and suffix != ".pt2":
@@ -272,6 +275,12 @@ def export_model(
         "class_names": json.dumps(list(labels) if labels else None),
         "pixel_range": str(pp.get("pixel_range", "0-1")),
     }
+    if fmt == "openvino":
+        if task != "cls":
+            raise ValueError(
+                f"{checkpoint}: --format openvino exports classifiers; use --format onnx for a {task} model"
+            )
+        return {**export_openvino_ir(model, out, img_size=side), "task": task, "model": str(model_name)}
     if fmt == "onnx":
         seg = task == "seg"
         checks = ((1, side, side),) if seg else _check_sizes(side)
@@ -327,3 +336,11 @@ def _write_onnx_metadata(path: str | Path, props: dict[str, str]) -> None:
         entry = m.metadata_props.add()
         entry.key, entry.value = k, v
     onnx.save(m, str(path))
+
+
+def export_openvino_ir(model: nn.Module, out: str | Path, *, img_size: int = 224) -> dict[str, Any]:
+    """Write a classifier as an OpenVINO IR (``out`` ends in ``.xml``; dynamic batch, height and width), checked in
+    OpenVINO against the eager reference; see :func:`davit.runtime.export_openvino`."""
+    from .runtime import export_openvino
+
+    return export_openvino(_classifier(model), out, img_size=img_size)

@@ -102,7 +102,8 @@ def optimize(
     compile: bool | None = None,
     accelerate: bool = True,
     policy: Policy | None = None,
-) -> OptimizedModel:
+    backend: str = "torch",
+) -> OptimizedModel | Any:
     """The fastest inference module for ``model`` on the machine it runs on.
 
     Args:
@@ -118,6 +119,10 @@ def optimize(
             ~20-30 s per input shape and dtype on 2 idle CPU cores; -20-30% batch-1 latency, +10-15% bf16 throughput.
         accelerate: install :mod:`davit.accelerate` on the copy (False, or ``DAVIT_ACCELERATE=0``: the reference).
         policy: the acceleration policy (default: detected for the device, mode "infer" or "compile").
+        backend: ``"torch"`` (this module's path), ``"openvino"`` or ``"onnxruntime"`` (the model converted once to
+            that runtime, :func:`davit.runtime.to_runtime`; same float32 outputs), or ``"auto"``: with an
+            ``example_input``, times torch and OpenVINO on it (a few calls each, :func:`davit.runtime.fastest`) and
+            returns the faster for that shape; without one, torch.
 
     Returns:
         An :class:`OptimizedModel`: ``out = fast(x)`` gives float32 outputs (logits, or the list of feature maps).
@@ -132,6 +137,8 @@ def optimize(
         raise ValueError(f"optimize supports float32 and bfloat16 compute, got {dtype}; fp16 loses accuracy here")
     if isinstance(model, OptimizedModel):
         model = model.model
+    if backend != "torch":
+        return _other_backend(model, backend, example_input, dtype, compile, accelerate, policy)
     model.eval()
     device = next(model.parameters()).device
     if dtype == torch.bfloat16 and not bf16_supported(device):
@@ -165,6 +172,27 @@ def optimize(
     if example_input is not None:
         _check(fast, model, example_input)
     return fast
+
+
+def _other_backend(
+    model: nn.Module, backend: str, x: Tensor | None, dtype: torch.dtype, *torch_args: Any
+) -> OptimizedModel | Any:
+    from . import runtime
+
+    if backend in runtime.BACKENDS:
+        return runtime.to_runtime(model, backend, dtype=dtype, example_input=x)
+    if backend != "auto":
+        raise ValueError(f"unknown backend {backend!r}; use 'torch', 'openvino', 'onnxruntime' or 'auto'")
+    compile, accelerate, policy = torch_args
+    fast = optimize(model, example_input=x, dtype=dtype, compile=compile, accelerate=accelerate, policy=policy)
+    if x is None or next(model.parameters()).device.type != "cpu":
+        return fast
+    try:
+        ov = runtime.to_runtime(model, "openvino", dtype=dtype, example_input=x)
+    except ImportError:
+        return fast
+    best, _ = runtime.fastest({"torch": fast, "openvino": ov}, x)
+    return fast if best == "torch" else ov
 
 
 def _check(fast: OptimizedModel, model: nn.Module, x: Tensor) -> None:

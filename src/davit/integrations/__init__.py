@@ -1,0 +1,1 @@
+"""Integrations with other libraries' models (import each submodule explicitly; none is imported here)."""
