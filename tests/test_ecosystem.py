@@ -102,7 +102,7 @@ def test_dynamic_quantisation_of_the_linears(model: DaViT) -> None:
     assert 0 < _rel(out, ref) < 0.1  # int8 weights really ran and stayed close
 
 
-@pytest.mark.slow  # OpenVINO loaded in the pytest process: the whole suite then segfaulted in the DDP tests (see issue 17)
+@pytest.mark.slow  # OpenVINO in the pytest process: the default suite then segfaulted in the DDP tests
 def test_openvino_converts_and_matches(model: DaViT) -> None:
     ov = pytest.importorskip("openvino")
     x = torch.randn(2, 3, 64, 64)
