@@ -187,24 +187,16 @@ def _input_grad(dy: Tensor, w: Tensor, p: Policy) -> Tensor:
     return dx.view(*dy.shape[:-1], w.shape[1])
 
 
-def _bf16_training(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
-    """Whether a training Linear computes in bfloat16 on the CPU with a bias: then :class:`_BiasFusedLinear` runs its
-    backward, whose bias gradient is one GEMM against a row of ones (autograd's ``sum(0)`` over bf16 rows was 2x
-    slower: 14.3 vs 7.5 ms for 50176 x 384, 1 thread)."""
-    return b is not None and x.is_cpu and w.dtype in _FLOATS and _compute_dtype(x) == torch.bfloat16
-
-
 class _BiasFusedLinear(torch.autograd.Function):
-    """``F.linear(x, w, b)``, with the bias added in oneDNN's epilogue where ``fused`` (else ``F.linear`` on the
-    same casts, the same values as autocast's); the backward is autograd's two GEMMs and the bias gradient (see
-    :func:`_weight_grads`), in the dtype autocast would use."""
+    """``F.linear(x, w, b)`` with the bias added in oneDNN's epilogue; the backward is autograd's two GEMMs and the
+    bias gradient (see :func:`_weight_grads`), in the dtype autocast would use."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, p: Policy, fused: bool = True) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, p: Policy) -> Tensor:  # type: ignore[override]
         cdt = _compute_dtype(x)
         with torch.autocast("cpu", enabled=False):
             xc, wc = x.to(cdt), w.to(cdt)
-            y = compat.linear_pointwise(xc, wc, _cast(b, cdt)) if fused else F.linear(xc, wc, _cast(b, cdt))
+            y = compat.linear_pointwise(xc, wc, _cast(b, cdt))
         ctx.save_for_backward(xc, wc, w, b)
         ctx.x_dtype, ctx.policy = x.dtype, p
         return y
@@ -216,18 +208,15 @@ class _BiasFusedLinear(torch.autograd.Function):
         p = ctx.policy
         dx = _input_grad(dy, wc, p).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         dw, db = _weight_grads(dy, xc, w, b, ctx.needs_input_grad[1], ctx.needs_input_grad[2], p)
-        return dx, dw, db, None, None
+        return dx, dw, db, None
 
 
 def _plain_linear(x: Tensor, w: Tensor, b: Tensor | None, p: Policy, gelu: bool, residual: Tensor | None) -> Tensor:
     if p.mode != "train":
         return _plain(F.linear(x, w, b), gelu, residual)
-    if _bias_fused_training(x, w, b, p):
-        y = _BiasFusedLinear.apply(x, w, b, p)
-    elif _bf16_training(x, w, b):
-        y = _BiasFusedLinear.apply(x, w, b, p, False)
-    else:
-        y = F.linear(x, w, b)
+    # Only the oneDNN-forward cases: routing every other bf16 Linear through this function (for its faster bias
+    # gradient) made the davit_tiny bf16 step 7.5% slower (same-process A/B, 1 thread, 7 rounds).
+    y = _BiasFusedLinear.apply(x, w, b, p) if _bias_fused_training(x, w, b, p) else F.linear(x, w, b)
     return _plain(y, gelu, residual)
 
 
@@ -305,7 +294,8 @@ def _weight_grads(dy: Tensor, inp: Tensor, w: Tensor, b: Tensor | None, need_w: 
 
 def _bias_grad(dy2: Tensor) -> Tensor:
     """Column sums of the ``(rows, out)`` gradient: in bf16 on the CPU as a GEMM against a row of ones (fp32
-    accumulation, one rounding, as ``sum(0)``; 1.3-2x faster over the davit_tiny shapes), else ``sum(0)``."""
+    accumulation, one rounding, as ``sum(0)``; 50176 x 384: 14.3 -> 7.5 ms, x 288: 9.4 -> 4.5 ms, 1 thread), else
+    ``sum(0)``."""
     if dy2.dtype == torch.bfloat16 and dy2.is_cpu:
         return (dy2.new_ones(1, dy2.shape[0]) @ dy2).view(dy2.shape[1])
     return dy2.sum(0)
