@@ -98,7 +98,8 @@ def test_missing_runtime_is_one_clear_line(
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
     assert davit.runtime.missing_runtime("torch") is None
-    code = main(["predict", str(images[0]), "--checkpoint", str(checkpoint), "--device", "cpu", "--backend", "openvino"])
+    argv = ["predict", str(images[0]), "--checkpoint", str(checkpoint), "--device", "cpu"]
+    code = main([*argv, "--backend", "openvino"])
     err = capsys.readouterr().err.strip()
     assert code != 0 and len(err.splitlines()) == 1
     assert "openvino" in err and "pip install 'davit[openvino]'" in err
