@@ -176,6 +176,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--img-size", type=int, default=None, help="input side (default: the weights' own)")
         _device(p)
         p.add_argument("--no-optimize", action="store_true", help="run the plain model, not davit.optimize's")
+        p.add_argument(
+            "--backend", default="auto", choices=("auto", "torch", "aoti", "openvino", "onnxruntime"),
+            help="inference runtime (default auto: what measured fastest for this job here; see docs/speed.md)",
+        )  # fmt: skip
         _json(p)
         p.add_argument("--out", default=None, help="also write the result to this .json file")
 
@@ -194,6 +198,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
     model_args(p)
     p.add_argument("--topk", type=int, default=5, help="classes listed per image")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="compute precision (bf16 where native)")
     p.set_defaults(func=_predict, cpu_allocator="speed")
 
 
@@ -203,6 +208,7 @@ def _eval(a: argparse.Namespace) -> None:
     m = evaluate_imagefolder(
         a.model, a.data, weights=a.weights, checkpoint=a.checkpoint, batch_size=a.batch_size, img_size=a.img_size,
         workers=a.workers, device=a.device, amp=a.amp, optimize=not a.no_optimize, report_dir=a.report,
+        backend=a.backend,
     )  # fmt: skip
 
     def text() -> None:
@@ -223,7 +229,7 @@ def _predict(a: argparse.Namespace) -> None:
 
     results = predict(
         a.images, a.model, weights=a.weights, checkpoint=a.checkpoint, topk=a.topk, img_size=a.img_size,
-        device=a.device, optimize=not a.no_optimize,
+        device=a.device, optimize=not a.no_optimize, backend=a.backend, dtype=a.dtype,
     )  # fmt: skip
 
     def text() -> None:

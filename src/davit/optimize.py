@@ -119,7 +119,10 @@ def optimize(
             ~20-30 s per input shape and dtype on 2 idle CPU cores; -20-30% batch-1 latency, +10-15% bf16 throughput.
         accelerate: install :mod:`davit.accelerate` on the copy (False, or ``DAVIT_ACCELERATE=0``: the reference).
         policy: the acceleration policy (default: detected for the device, mode "infer" or "compile").
-        backend: ``"torch"`` (this module's path), ``"openvino"`` or ``"onnxruntime"`` (the model converted once to
+        backend: ``"torch"`` (this module's path), ``"aoti"`` (the ``compile=True`` graph built once by
+            AOTInductor into a package cached per (weights, shape, dtype, torch version, CPU) and loaded in ~0.2 s by
+            later processes, :func:`davit.aoti.aoti_model`; needs ``example_input``; CPU), ``"openvino"`` or
+            ``"onnxruntime"`` (the model converted once to
             that runtime, :func:`davit.runtime.to_runtime`; same float32 outputs), or ``"auto"``: with an
             ``example_input``, times torch and OpenVINO on it (a few calls each, :func:`davit.runtime.fastest`) and
             returns the faster for that shape; without one, torch.
@@ -181,9 +184,22 @@ def _other_backend(
 
     if backend in runtime.BACKENDS:
         return runtime.to_runtime(model, backend, dtype=dtype, example_input=x)
-    if backend != "auto":
-        raise ValueError(f"unknown backend {backend!r}; use 'torch', 'openvino', 'onnxruntime' or 'auto'")
     compile, accelerate, policy = torch_args
+    if backend == "aoti":
+        from .aoti import aoti_model
+
+        if x is None:
+            raise ValueError("backend='aoti' compiles for one input shape: pass example_input")
+        model.eval()
+        if dtype == torch.bfloat16 and not bf16_supported(next(model.parameters()).device):
+            log.warning("no native bfloat16 here; the aoti package computes in float32")
+            dtype = torch.float32
+        eager = optimize(model, dtype=dtype, accelerate=accelerate, policy=None)  # other shapes run this
+        fast = aoti_model(model, x, dtype=dtype, policy=policy, fallback=eager)
+        _check(fast, model, x)
+        return fast
+    if backend != "auto":
+        raise ValueError(f"unknown backend {backend!r}; use 'torch', 'aoti', 'openvino', 'onnxruntime' or 'auto'")
     fast = optimize(model, example_input=x, dtype=dtype, compile=compile, accelerate=accelerate, policy=policy)
     if x is None or next(model.parameters()).device.type != "cpu":
         return fast

@@ -34,17 +34,57 @@ from torch import Tensor, nn
 
 __all__ = [
     "BACKENDS",
+    "BACKEND_CHOICES",
     "RuntimeModel",
     "check_runtime",
+    "default_backend",
     "export_onnx_module",
     "export_openvino",
     "fastest",
+    "missing_runtime",
     "to_runtime",
 ]
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("openvino", "onnxruntime")
+# What ``davit predict/eval --backend`` and ``davit.optimize(backend=...)`` accept.
+BACKEND_CHOICES = ("auto", "torch", "aoti", "openvino", "onnxruntime")
+_EXTRAS = {"openvino": ("openvino", "openvino"), "onnxruntime": ("onnxruntime", "export")}
+
+
+def default_backend(model: nn.Module, example: Tensor, dtype: torch.dtype | str | None = None) -> str:
+    """What ``backend="auto"`` means for ``davit predict`` / ``eval``: the fastest path measured here that needs no
+    compile or conversion now (``docs/speed.md``).
+
+    ``"aoti"`` when an AOTInductor package of ``model`` for ``example``'s shape and ``dtype`` is already cached (it
+    loads in ~0.2 s and is the fastest batch-1 path measured; build one with ``--backend aoti``), else ``"torch"``
+    (``davit.optimize``: ready in ~0.2 s). OpenVINO and onnxruntime are never picked implicitly: converting costs
+    ~3-5 s, more than they save on a predict or eval job here.
+    """
+    if example.device.type != "cpu":
+        return "torch"
+    from .accelerate import Policy, accelerate_enabled
+    from .aoti import aoti_package_path
+
+    dt = torch.bfloat16 if _dtype_name(dtype) == "bf16" else torch.float32
+    policy = Policy.detect("cpu", mode="compile") if accelerate_enabled() else None
+    if aoti_package_path(model, tuple(example.shape), dt, policy).exists():
+        return "aoti"
+    return "torch"
+
+
+def missing_runtime(backend: str) -> str | None:
+    """A one-line message when ``backend``'s runtime is not installed (naming the extra that installs it), else
+    None. Checks importability without importing (OpenVINO's import is heavy)."""
+    import importlib.util
+
+    if backend not in _EXTRAS:
+        return None
+    module, extra = _EXTRAS[backend]
+    if importlib.util.find_spec(module) is None:
+        return f"the {backend} backend needs {module}, which is not installed: pip install 'davit[{extra}]'"
+    return None
 
 
 def _require(name: str) -> Any:

@@ -261,21 +261,59 @@ def load_classifier(
     return LoadedClassifier(net, pp, names, source)
 
 
-def maybe_optimize(model: nn.Module, example: Tensor, enabled: bool = True) -> nn.Module:
-    """``davit.optimize(model, example)`` (the fastest inference module) when available and enabled, else ``model``.
+def maybe_optimize(
+    model: nn.Module,
+    example: Tensor,
+    enabled: bool = True,
+    *,
+    backend: str = "auto",
+    dtype: torch.dtype | str | None = None,
+    batch: int | None = None,
+) -> nn.Module:
+    """The fastest inference module for ``model`` (:func:`davit.optimize`) when enabled, else ``model``.
 
-    An optimisation that fails falls back to the plain model with a warning: inference must not depend on it.
+    Args:
+        model: the classifier (eval mode, on its device).
+        example: a representative batch (pays one-time costs now and checks the result against ``model``).
+        enabled: False runs the plain model.
+        backend: ``"auto"`` (:func:`davit.runtime.default_backend`: what measured fastest for the job here, torch
+            when unsure), ``"torch"``, ``"aoti"``, ``"openvino"`` or ``"onnxruntime"``.
+        dtype: compute precision for the torch and OpenVINO paths (None: fp32).
+        batch: the batch size the job runs at; the aoti backend builds (or finds) its package for that batch
+            (other shapes, e.g. a shorter last batch, run the eager fast path).
+
+    Raises:
+        UserError: a requested runtime that is not installed (one line naming the extra to install).
+
+    A backend that fails for any other reason falls back to the plain model with a warning: inference must not
+    depend on it.
     """
     if not enabled:
         return model
+    from ..errors import UserError
+    from ..runtime import BACKEND_CHOICES, default_backend, missing_runtime
+
+    if backend not in BACKEND_CHOICES:
+        raise UserError(f"unknown backend {backend!r}: use one of {', '.join(BACKEND_CHOICES)}")
+    if batch and batch != example.shape[0]:
+        aoti_example = example[:1].expand(batch, *example.shape[1:]).contiguous()
+    else:
+        aoti_example = example
+    if backend == "auto":
+        backend = default_backend(model, aoti_example, dtype)
+    if backend == "aoti":
+        example = aoti_example
+    missing = missing_runtime(backend)
+    if missing:
+        raise UserError(missing)
     try:
         from ..optimize import optimize
     except ImportError:
         return model
     try:
-        return optimize(model, example_input=example)
+        return optimize(model, example_input=example, dtype=dtype, backend=backend)
     except Exception as e:  # any backend failure: the eager model is always correct
-        log.warning("davit.optimize failed (%s: %s); running the plain model", type(e).__name__, e)
+        log.warning("davit.optimize (%s) failed (%s: %s); running the plain model", backend, type(e).__name__, e)
         return model
 
 
@@ -333,6 +371,7 @@ def evaluate_imagefolder(
     amp: str | bool = "none",
     optimize: bool = True,
     report_dir: str | os.PathLike[str] | None = None,
+    backend: str = "auto",
 ) -> dict[str, Any]:
     """Top-1/top-5 of a classifier on an ImageFolder with the weights' own preprocessing.
 
@@ -348,6 +387,8 @@ def evaluate_imagefolder(
         optimize: run through ``davit.optimize`` when available.
         report_dir: also write ``per_class.csv`` and ``confusion_matrix.png`` there (see :func:`per_class_report`)
             and add ``per_class`` rows and ``report`` paths to the result.
+        backend: the inference runtime (see :func:`maybe_optimize`); with ``amp="bf16"`` the torch and OpenVINO
+            paths compute in bf16 themselves instead of under autocast.
 
     Returns:
         The metrics of :func:`evaluate_classifier` plus ``skipped`` (unreadable images), ``model`` and ``data``.
@@ -382,7 +423,13 @@ def evaluate_imagefolder(
     )  # fmt: skip
     side = img_size or int(loaded.preprocessing["img_size"])
     example = torch.zeros(1, 3, side, side, device=dev)
-    net = maybe_optimize(loaded.model, example, enabled=optimize)
+    bf16 = str(amp).lower() == "bf16" or amp is True
+    net = maybe_optimize(
+        loaded.model, example, enabled=optimize, backend=backend, dtype="bf16" if bf16 else None,
+        batch=min(batch_size, len(ds)) or None,
+    )  # fmt: skip
+    if net is not loaded.model and bf16:
+        amp = "none"  # the optimized module computes in bf16 itself (and returns float32 logits)
     batches: Iterable[Any] = _progress(loader, len(ds))
     recorder = _PredictionRecorder(net) if report_dir is not None else None
     if recorder is not None:

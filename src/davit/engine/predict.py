@@ -26,6 +26,8 @@ def predict(
     device: torch.device | str | None = "auto",
     batch_size: int = 16,
     optimize: bool = True,
+    backend: str = "auto",
+    dtype: torch.dtype | str | None = None,
 ) -> list[dict[str, Any]]:
     """Classify images with a zoo model, published weights or a trained checkpoint.
 
@@ -39,6 +41,9 @@ def predict(
         device: where to run (``"auto"``: CUDA when available).
         batch_size: images per forward pass.
         optimize: run through ``davit.optimize`` when available.
+        backend: the inference runtime, ``"auto"``, ``"torch"``, ``"aoti"``, ``"openvino"`` or ``"onnxruntime"``
+            (see :func:`davit.engine.evaluate.maybe_optimize`).
+        dtype: None (fp32) or ``"bf16"`` compute where the hardware has it.
 
     Returns:
         One dict per image, in input order: ``{"image": name, "predictions": [{"rank", "index", "label",
@@ -48,7 +53,10 @@ def predict(
         ImageReadError: an image cannot be read (the message names the file); nothing is predicted then.
     """
     loaded = load_classifier(model, weights=weights, checkpoint=checkpoint, device=device)
-    return predict_loaded(loaded, images, topk=topk, img_size=img_size, batch_size=batch_size, optimize=optimize)
+    return predict_loaded(
+        loaded, images, topk=topk, img_size=img_size, batch_size=batch_size, optimize=optimize, backend=backend,
+        dtype=dtype,
+    )  # fmt: skip
 
 
 def predict_loaded(
@@ -59,6 +67,8 @@ def predict_loaded(
     img_size: int | None = None,
     batch_size: int = 16,
     optimize: bool = True,
+    backend: str = "auto",
+    dtype: torch.dtype | str | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`predict` with an already loaded classifier (reuse it across calls).
 
@@ -83,7 +93,10 @@ def predict_loaded(
     tf = loaded.transform(img_size)
     dev = resolve_device(None, loaded.model)
     side = img_size or int(loaded.preprocessing["img_size"])
-    net = maybe_optimize(loaded.model, torch.zeros(1, 3, side, side, device=dev), enabled=optimize)
+    net = maybe_optimize(
+        loaded.model, torch.zeros(1, 3, side, side, device=dev), enabled=optimize, backend=backend, dtype=dtype,
+        batch=min(batch_size, len(images)),
+    )  # fmt: skip
     k = min(topk, len(loaded.class_names))
     out: list[dict[str, Any]] = []
     with torch.inference_mode():
