@@ -323,3 +323,29 @@ def test_dense_run_that_diverges_exits_3_in_one_line(tmp_path: Path, task: str) 
     else:
         assert f"resume with: davit {task} train" in line, line
     _no_orphans(tag)
+
+
+# ------------------------------------------------------------------------------------------------------------ DDP
+@pytest.mark.slow
+def test_ddp_ranks_save_and_exit_on_sigterm_to_the_group(tmp_path: Path) -> None:
+    """Both ranks agree on the stop at the same step (one collective carries it), save once and exit; torchrun itself
+    then reports the signal in its own words (its SignalException, exit 1), which is not ours to change."""
+    cfg, out, tag = tmp_path / "m.yaml", tmp_path / "run", uuid.uuid4().hex
+    cfg.write_text(MICRO)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "davit",
+           "train", "--config", str(cfg), "--out", str(out), "train.batch_size=16"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=_env(tag), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        _wait_for(out / "last.pt", proc)
+        _, err, seconds = _stop_group(proc, signal.SIGTERM, within=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = (out / "log.txt").read_text()
+    assert "stopped at step" in log and "resume with: davit train" in log, err[-3000:]
+    state = load_training_state(out / "last.pt")
+    assert state["progress"]["step"] > 5 and len(state["ranks"]) == 2
+    assert "DataLoader" not in err, err[-3000:]
+    assert seconds < 60
+    _no_orphans(tag)

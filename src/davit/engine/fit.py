@@ -874,7 +874,8 @@ class _Run:
         if interrupted:
             summary["stopped_by"] = signal.Signals(signum).name if signum else "signal"
             summary["resume_command"] = self._resume_command()
-            log.warning("stopped at step %d; resume with: %s", p.step, summary["resume_command"])
+            if self.info.is_main:
+                log.warning("stopped at step %d; resume with: %s", p.step, summary["resume_command"])
         elif hasattr(self.task, "on_fit_end"):
             net = self.ema.module if self.ema is not None else (self.model if self.info.mode == "fsdp" else self.raw)
             net.eval()
