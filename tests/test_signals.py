@@ -213,7 +213,7 @@ def test_worker_deaths_are_recognised_and_deferred_to_the_loop() -> None:
     """What torch 2.x raises for a SIGKILLed worker is a worker death, reported where the loop asks, not earlier."""
     from torch.utils.data import DataLoader, Dataset
 
-    from davit.engine.workers import WorkerWatch, is_worker_death, shutdown_workers, worker_init
+    from davit.engine.workers import WorkerWatch, death_reason, is_worker_death, shutdown_workers, worker_init
 
     class Slow(Dataset):
         def __len__(self) -> int:
@@ -238,6 +238,7 @@ def test_worker_deaths_are_recognised_and_deferred_to_the_loop() -> None:
         finally:
             shutdown_workers(loader)
     assert caught is not None and is_worker_death(caught), caught
+    assert death_reason(caught).endswith("killed by signal 9, SIGKILL"), caught
     assert seen == 2
     assert not is_worker_death(RuntimeError("CUDA out of memory")) and not is_worker_death(ValueError("DataLoader"))
 

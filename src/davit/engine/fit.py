@@ -64,7 +64,15 @@ from .ema import ModelEMA
 from .optim import build_optimizer, default_param_groups, freeze, scaled_lr
 from .schedule import LRSchedule, build_schedule
 from .task import Task
-from .workers import WorkerWatch, dead_workers, death_error, is_worker_death, shutdown_workers, worker_init
+from .workers import (
+    WorkerWatch,
+    dead_workers,
+    death_error,
+    death_reason,
+    is_worker_death,
+    shutdown_workers,
+    worker_init,
+)
 
 __all__ = ["NonFiniteLossError", "ResumableSampler", "fit", "move_to_device"]
 
@@ -632,7 +640,7 @@ class _Run:
                 raise
             # torch's "exited unexpectedly" does not say how; the process objects know (a negative code: a signal).
             dead = dead_workers(self.loader) or dead_workers(self.val_loader)
-            reason = _worker_death_reason(death_error(dead) if dead else e)
+            reason = death_reason(death_error(dead) if dead else e)
             # The error surfaces only between micro-steps (WorkerWatch defers torch's SIGCHLD error to the checks),
             # so after a whole optimizer step the state is whole: keep the work done since the last save (an
             # evaluation cut short is not: its row is missing; other ranks cannot join a save either).
@@ -909,21 +917,6 @@ class _ReenableGradSync(contextlib.AbstractContextManager):
 
 # The subcommand that trains each task (``davit train`` trains them all; users see their own command echoed).
 _CLI_COMMANDS = {"cls": "davit train", "seg": "davit seg train", "det": "davit det train"}
-
-
-def _worker_death_reason(e: BaseException) -> str:
-    """torch's "DataLoader worker (pid 12) is killed by signal: Killed." -> "pid 12 killed by signal 9, SIGKILL"."""
-    import re
-
-    text = _first_line(e)
-    pid = re.search(r"pid(?:\(s\))? ([\d, ]+)", text)
-    who = f"pid {pid.group(1).strip()}" if pid else "a worker"
-    sig = re.search(r"killed by signal: (.+?)\.?\s*$", text)
-    if sig:
-        names = {signal.strsignal(s): s for s in signal.Signals if signal.strsignal(s)}
-        num = names.get(sig.group(1).strip())
-        return f"{who} killed by signal {int(num)}, {num.name}" if num else f"{who} killed by signal: {sig.group(1)}"
-    return f"{who} exited unexpectedly"
 
 
 def _task_name(cfg: Any) -> str | None:

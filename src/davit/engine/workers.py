@@ -21,6 +21,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import threading
 import time
@@ -31,6 +32,7 @@ __all__ = [
     "WorkerWatch",
     "dead_workers",
     "death_error",
+    "death_reason",
     "is_worker_death",
     "kill_leftover_workers",
     "shutdown_workers",
@@ -101,6 +103,20 @@ def death_error(dead: dict[int, int | None]) -> RuntimeError:
     if code is not None and code < 0:
         return RuntimeError(f"DataLoader worker (pid {pid}) is killed by signal: {signal.strsignal(-code)}.")
     return RuntimeError(f"DataLoader worker (pid(s) {', '.join(map(str, dead))}) exited unexpectedly")
+
+
+def death_reason(e: BaseException) -> str:
+    """torch's "DataLoader worker (pid 12) is killed by signal: Killed." -> "pid 12 killed by signal 9, SIGKILL"."""
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else ""
+    pid = re.search(r"pid(?:\(s\))? ([\d, ]+)", text)
+    who = f"pid {pid.group(1).strip()}" if pid else "a worker"
+    sig = re.search(r"killed by signal: (.+?)\.?\s*$", text)
+    if sig:
+        names = {signal.strsignal(s): s for s in signal.Signals if signal.strsignal(s)}
+        num = names.get(sig.group(1).strip())
+        return f"{who} killed by signal {int(num)}, {num.name}" if num else f"{who} killed by signal: {sig.group(1)}"
+    return f"{who} exited unexpectedly"
 
 
 def kill_leftover_workers() -> int:
