@@ -38,7 +38,16 @@ from ..models.davit import (
     window_reverse,
 )
 from . import compat
-from .kernels import ChannelCore, WindowCore, attn_branch, channel_attend, linear, ln_mlp, split_heads
+from .kernels import (
+    ChannelCore,
+    WindowCore,
+    attn_branch,
+    channel_attend,
+    dwconv_residual,
+    linear,
+    ln_mlp,
+    split_heads,
+)
 from .policy import Policy, accelerate_enabled
 
 __all__ = ["install", "installed", "uninstall"]
@@ -62,12 +71,22 @@ def _drop_path_add(residual: Tensor, y: Tensor, prob: float, training: bool) -> 
 
 
 class FastConvPosEnc(ConvPosEnc):
-    """Inference on the CPU: the residual is added in oneDNN's conv epilogue (one pass instead of two, same values)."""
+    """Inference on the CPU: the residual is added in oneDNN's conv epilogue (one pass instead of two, same values).
+    CPU training: :func:`~davit.accelerate.kernels.dwconv_residual` (input gradient as a forward conv, fewer casts)."""
 
     _policy: Policy
 
     def forward(self, x: Tensor) -> Tensor:
         p, w = self._policy, self.proj.weight
+        if p.mode == "train" and x.is_cpu and x.dtype in _FLOATS and w.dtype in _FLOATS and _records_grad(x, w):
+            conv = self.proj
+            if (
+                conv.stride == (1, 1)
+                and conv.dilation == (1, 1)
+                and conv.padding == (1, 1)
+                and conv.groups == w.shape[0]
+            ):
+                return dwconv_residual(x, conv)
         if (
             p.mode == "infer"
             and p.onednn
