@@ -151,8 +151,12 @@ def _train(a: argparse.Namespace) -> int:
             primary = summary.get("primary_metric", "")
             best = summary.get(f"best_{primary}")
             shown = f"best {primary} {best:.4g}" if isinstance(best, (int, float)) else "no evaluation"
-            print(f"{shown} after {summary['steps']} steps in {summary['seconds']:.0f} s; "
-                  f"outputs in {summary['out']} (summary.json, best.safetensors)")  # fmt: skip
+            if summary.get("interrupted"):  # not a finished run: say so, and how to go on
+                by, steps = summary.get("stopped_by", "a signal"), f"{summary['steps']} of {summary['total_steps']}"
+                print(f"stopped by {by} at step {steps} ({shown} so far); resume with: {summary['resume_command']}")
+            else:
+                print(f"{shown} after {summary['steps']} steps in {summary['seconds']:.0f} s; "
+                      f"outputs in {summary['out']} (summary.json, best.safetensors)")  # fmt: skip
     return 130 if summary.get("interrupted") else 0
 
 
@@ -546,12 +550,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .allocator import tune_cpu_allocator
 
         tune_cpu_allocator(args.cpu_allocator)
+    sub = getattr(args, "seg_command", None) or getattr(args, "det_command", None)
+    name = f"davit {args.command}{' ' + sub if sub else ''}"
     try:
         rc = args.func(args)
-    except NonFiniteLossError as e:  # a diverged run: its own exit status, so schedulers can tell it apart
+    except NonFiniteLossError as e:  # a diverged run (any task): its own exit status, so schedulers can tell it apart
         if args.verbose:
             raise
-        print(f"davit {args.command}: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 3
     # ImportError: an optional extra is missing; the message names the pip command.
     except (UserError, FileNotFoundError, NotADirectoryError, KeyError, ValueError, ImportError) as e:
@@ -559,14 +565,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         # One line, whatever the raiser did (a DataLoader worker wraps its error in the worker's traceback).
-        sub = getattr(args, "seg_command", None) or getattr(args, "det_command", None)
         line = " ".join(user_message(str(msg)).split())
-        print(f"davit {args.command}{' ' + sub if sub else ''}: error: {line}", file=sys.stderr)
+        print(f"{name}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"davit {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _exit_hook()
     return int(rc or 0)
+
+
+_exit_hook_set = False
+
+
+def _exit_hook() -> None:
+    """At interpreter exit, SIGKILL loader workers still alive, before multiprocessing's atexit hook would SIGTERM
+    and join them without a timeout (training workers ignore SIGTERM: davit.engine.workers). atexit runs its hooks
+    last-registered first, and multiprocessing registered its own when torch was imported, before this."""
+    global _exit_hook_set
+    if _exit_hook_set or "torch" not in sys.modules:  # no torch, no loader workers
+        return
+    import atexit
+
+    from .engine.workers import kill_leftover_workers
+
+    atexit.register(kill_leftover_workers)
+    _exit_hook_set = True
 
 
 if __name__ == "__main__":

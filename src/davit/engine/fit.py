@@ -64,6 +64,15 @@ from .ema import ModelEMA
 from .optim import build_optimizer, default_param_groups, freeze, scaled_lr
 from .schedule import LRSchedule, build_schedule
 from .task import Task
+from .workers import (
+    WorkerWatch,
+    dead_workers,
+    death_error,
+    death_reason,
+    is_worker_death,
+    shutdown_workers,
+    worker_init,
+)
 
 __all__ = ["NonFiniteLossError", "ResumableSampler", "fit", "move_to_device"]
 
@@ -177,23 +186,9 @@ class _SeededDataset(Dataset):
             torch.set_rng_state(saved[2])
 
 
-def _worker_init(_: int) -> None:
-    # Ctrl-C reaches the whole process group; workers ignore it so the main process can finish its step and save.
-    # SIGTERM is NOT ignored: multiprocessing stops leftover (persistent) workers at interpreter exit with SIGTERM, and
-    # workers that ignored it hung every run's exit (seen in tests/test_train_resume.py). A SIGTERM to the whole
-    # process group therefore still kills the workers first (issue 14, item 5: open).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
-
-
-def _is_worker_death(e: BaseException) -> bool:
-    """A DataLoader worker killed by a signal or the OOM killer (torch raises a RuntimeError naming its pid)."""
-    text = str(e)
-    return isinstance(e, RuntimeError) and "DataLoader worker" in text and ("killed" in text or "exited" in text)
 
 
 def move_to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
@@ -394,7 +389,7 @@ class _Run:
                 collate_fn=collate,
                 drop_last=True,
                 pin_memory=self.device.type == "cuda",
-                worker_init_fn=_worker_init,
+                worker_init_fn=worker_init,
                 persistent_workers=tc.workers > 0,
                 # An explicit generator: the loader's worker base seed must not draw from the global RNG.
                 generator=torch.Generator().manual_seed(tc.seed),
@@ -408,7 +403,7 @@ class _Run:
                 num_workers=tc.workers,
                 collate_fn=collate,
                 pin_memory=self.device.type == "cuda",
-                worker_init_fn=_worker_init,
+                worker_init_fn=worker_init,
                 persistent_workers=tc.workers > 0,
                 # Without a generator the first iterator draws its worker seed from the global RNG; with persistent
                 # workers only the first does, which a resumed run would do at another point of the RNG stream.
@@ -461,7 +456,7 @@ class _Run:
             collate_fn=collate,
             drop_last=True,
             pin_memory=self.device.type == "cuda",
-            worker_init_fn=_worker_init,
+            worker_init_fn=worker_init,
             # Each iterator draws a base seed; from its own generator, not from the global RNG (dropout, mixup).
             generator=torch.Generator().manual_seed(tc.seed),
         )
@@ -615,8 +610,12 @@ class _Run:
                 _seed_all(self.tc.seed + self.info.rank)
             from tqdm.contrib.logging import logging_redirect_tqdm
 
-            with _Stop() as stop, logging_redirect_tqdm():
-                interrupted = self._loop(stop)
+            with _Stop() as stop, WorkerWatch() as self._watch, logging_redirect_tqdm():
+                try:
+                    interrupted = self._loop(stop)
+                finally:
+                    # Now, not at interpreter exit: the workers ignore SIGTERM (davit.engine.workers says why).
+                    shutdown_workers(self.loader, self.val_loader)
             return self._finish(interrupted, stop.signum)
 
     def _loop(self, stop: _Stop) -> bool:
@@ -637,18 +636,28 @@ class _Run:
         try:
             self._loop_steps(bar)
         except RuntimeError as e:
-            if not _is_worker_death(e):
+            if not is_worker_death(e):
                 raise
-            # Between optimizer steps of the training loader the state is whole: keep the work done since the last
-            # save (an evaluation cut short is not: its row is missing; other ranks cannot join a save either).
+            # torch's "exited unexpectedly" does not say how; the process objects know (a negative code: a signal).
+            dead = dead_workers(self.loader) or dead_workers(self.val_loader)
+            reason = death_reason(death_error(dead) if dead else e)
+            # The error surfaces only between micro-steps (WorkerWatch defers torch's SIGCHLD error to the checks),
+            # so after a whole optimizer step the state is whole: keep the work done since the last save (an
+            # evaluation cut short is not: its row is missing; other ranks cannot join a save either).
             saved = p.batch % tc.accum_steps == 0 and p.step > 0 and not self._in_eval and self.info.mode == "none"
             if saved:
                 self._tick()
                 self._save()
-            where = f"saved {self.out / 'last.pt'} at step {p.step}" if saved else self._last_good()
+            last = self.out / "last.pt"
+            if saved:
+                where = f"saved {last} at step {p.step}; resume with: {self._resume_command()}"
+            elif last.is_file():
+                where = f"the last save is {last}; resume with: {self._resume_command()}"
+            else:
+                where = "nothing was saved yet; start again"
             raise LoaderWorkerError(
-                f"a data loader worker died ({_first_line(e)}): it was killed, or ran out of memory (lower "
-                f"train.workers or train.batch_size); {where}; resume with --resume"
+                f"a data loader worker died ({reason}): most likely the out-of-memory killer; lower "
+                f"train.workers or train.batch_size; {where}"
             ) from None
         finally:
             bar.close()
@@ -662,7 +671,7 @@ class _Run:
             remaining = self.steps_per_epoch * tc.accum_steps - p.batch
             bar.set_description(f"epoch {p.epoch + 1}" + (f"/{tc.epochs}" if tc.epochs else ""))
             t_steps = time.perf_counter()
-            for batch in itertools.islice(self.loader, remaining):
+            for batch in self._watch.batches(itertools.islice(self.loader, remaining), self.loader):
                 if not self._micro_step(batch):
                     continue
                 p.train_seconds += time.perf_counter() - t_steps
@@ -743,12 +752,17 @@ class _Run:
         p.step += 1
         return True
 
+    def _resume_command(self) -> str:
+        """The command that continues this run (the task's own subcommand; a custom task may set ``cli_command``)."""
+        command = getattr(self.task, "cli_command", None) or _CLI_COMMANDS.get(self.task_name or "", "davit train")
+        return f"{command} --config {self.out / 'config.yaml'} --out {self.out} --resume"
+
     def _last_good(self) -> str:
         """Where the last good state is and what to do, for the messages of a diverged run."""
         fix = "lower optim.lr, set optim.grad_clip, or use train.amp=bf16 instead of fp16"
         last = self.out / "last.pt"
         if last.is_file():
-            return f"The last good state is {last}: {fix}, then resume with --resume"
+            return f"The last good state is {last}: {fix}, then resume with: {self._resume_command()}"
         return f"No checkpoint was saved yet (the run diverged before its first save): {fix}, then start again"
 
     def _check_finite(self, metrics: Mapping[str, float], model_state: Mapping[str, Tensor] | None = None) -> None:
@@ -801,6 +815,7 @@ class _Run:
 
     def _record(self, evaluate: bool) -> None:
         """Close an epoch (or an evaluation interval): reduce the train means, evaluate, log, save."""
+        self._watch.check()
         p = self.p
         sums = {k: v for k, v in self.acc.items()}
         keys = sorted(sums)
@@ -866,11 +881,9 @@ class _Run:
         )
         if interrupted:
             summary["stopped_by"] = signal.Signals(signum).name if signum else "signal"
-            command = getattr(self.task, "cli_command", "davit train")
-            log.warning(
-                "stopped at step %d; resume with: %s --config %s --out %s --resume",
-                p.step, command, self.out / "config.yaml", self.out,
-            )  # fmt: skip
+            summary["resume_command"] = self._resume_command()
+            if self.info.is_main:
+                log.warning("stopped at step %d; resume with: %s", p.step, summary["resume_command"])
         elif hasattr(self.task, "on_fit_end"):
             net = self.ema.module if self.ema is not None else (self.model if self.info.mode == "fsdp" else self.raw)
             net.eval()
@@ -900,6 +913,10 @@ class _ReenableGradSync(contextlib.AbstractContextManager):
 
     def __exit__(self, *exc: object) -> None:
         self.model.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+
+# The subcommand that trains each task (``davit train`` trains them all; users see their own command echoed).
+_CLI_COMMANDS = {"cls": "davit train", "seg": "davit seg train", "det": "davit det train"}
 
 
 def _task_name(cfg: Any) -> str | None:
