@@ -364,7 +364,7 @@ def bad_input_cases(d: Path, ck: dict[str, Path], data: dict[str, Path], clean: 
     # A checkpoint of another task, in every slot of the others.
     for task, path in (("seg", seg), ("det", det), ("cls", cls)):
         for slot, make in ck_slots.items():
-            if slot in ("info", "convert") or slot.startswith(task) or (task == "cls" and slot in (
+            if slot in ("info", "convert", "export") or slot.startswith(task) or (task == "cls" and slot in (
                     "predict", "eval", "export", "train --resume")):  # fmt: skip
                 continue
             cases.append(Case(f"{slot} checkpoint of a {task} run", make(path), quick=task == "seg"))

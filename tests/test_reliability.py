@@ -383,3 +383,13 @@ def test_segmentation_checkpoints_with_nan_or_integer_weights_are_refused(tmp_pa
     with pytest.raises(CheckpointError, match="NaN or infinite" if kind == "nan" else "int64 tensors") as info:
         load_segmentation_checkpoint(build_seg_model(cfg, 3), tmp_path / "seg.safetensors")
     assert "seg.safetensors" in str(info.value)
+
+
+def test_a_fifo_named_like_a_checkpoint_is_refused_not_read_forever(tmp_path: Path) -> None:
+    """Found by scripts/reliability_battery.py: `davit predict/eval --checkpoint FIFO` blocked for ever."""
+    from davit.weights import read_safetensors_metadata
+
+    os.mkfifo(tmp_path / "w.safetensors")
+    for read in (read_checkpoint, read_safetensors_metadata):
+        with pytest.raises(CheckpointError, match="not a regular file"):
+            read(tmp_path / "w.safetensors")
