@@ -169,3 +169,19 @@ def test_interrupted_detection_run_resumes_bit_exactly(run: dict[str, Any], tmp_
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_loaded_detector_runs_the_accelerated_backbone_with_reference_outputs(run: dict[str, Any]) -> None:
+    from davit.accelerate import installed
+    from davit.tasks.detection.task import load_detector
+
+    ckpt = run["out"] / "best.safetensors"
+    fast, _, _ = load_detector(ckpt)
+    ref, _, _ = load_detector(ckpt, accelerate=False)
+    assert installed(fast) is not None and installed(ref) is None
+    img = torch.rand(3, 112, 136)
+    with torch.no_grad():
+        a, b = fast([img])[0], ref([img])[0]
+    assert a["boxes"].shape == b["boxes"].shape and len(a["boxes"]) > 0
+    torch.testing.assert_close(a["scores"], b["scores"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a["boxes"], b["boxes"], rtol=1e-4, atol=1e-3)

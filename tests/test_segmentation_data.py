@@ -303,3 +303,17 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     b = read_checkpoint(tmp_path / "cut" / "last.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+
+
+def test_loaded_segmenter_runs_the_accelerated_backbone_with_reference_outputs(trained_run):
+    from davit.accelerate import installed
+    from davit.tasks.segmentation.task import load_seg_model
+
+    _, run, _ = trained_run
+    cfg = load_seg_config(str(run / "config.yaml"))
+    fast, _ = load_seg_model(run / "last.safetensors", cfg)
+    ref, _ = load_seg_model(run / "last.safetensors", cfg, accelerate=False)
+    assert installed(fast) is not None and installed(ref) is None
+    x = torch.rand(2, 3, 48, 56)  # not a multiple of the window: the padded path
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), ref(x), rtol=1e-4, atol=1e-5)

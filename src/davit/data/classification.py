@@ -27,6 +27,7 @@ __all__ = [
     "DigitsDataset",
     "ImageFolderDataset",
     "Mixer",
+    "SkippingDataset",
     "build_classification_datasets",
     "build_mixup",
     "collate_readable",
@@ -216,7 +217,60 @@ def walk_files(folder: str | os.PathLike[str], max_dirs: int = MAX_WALK_DIRS) ->
     return out
 
 
-class ImageFolderDataset(Dataset):
+class SkippingDataset(Dataset):
+    """Base of the map-style sources: ``transform(image), label`` items, unreadable samples skipped and counted.
+
+    Subclasses implement ``__len__``, :meth:`read` and :meth:`name`. With ``substitute_unreadable`` (training) an
+    unreadable sample is replaced by the next readable one, so an epoch keeps its length; without it (evaluation) the
+    item is None, for a collate function that drops it, so every readable sample is scored once.
+    """
+
+    unit = "sample"  # the word messages use for one item
+
+    def __init__(self, transform: Callable[[Image.Image], Any] | None, substitute_unreadable: bool = True) -> None:
+        self.transform = transform
+        self.substitute_unreadable = substitute_unreadable
+        # Shared memory: DataLoader workers' skips add up where the training loop reads them.
+        self._skipped = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._warned: set[str] = set()
+
+    @property
+    def num_skipped(self) -> int:
+        """Unreadable-sample encounters so far (all workers, all epochs)."""
+        return int(self._skipped.item())
+
+    def read(self, index: int) -> tuple[Image.Image, int]:
+        """The RGB image and label of sample ``index``; raises :class:`ImageReadError` when unreadable."""
+        raise NotImplementedError
+
+    def name(self, index: int) -> str:
+        """A name for sample ``index`` in messages."""
+        return str(index)
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | None:
+        n = len(self)
+        tries = min(_MAX_SKIP, n) if self.substitute_unreadable else 1
+        for step in range(tries):
+            i = (index + step) % n
+            try:
+                img, target = self.read(i)
+            except ImageReadError as e:
+                self._skipped += 1
+                key = self.name(i)
+                if key not in self._warned:
+                    self._warned.add(key)
+                    log.warning("skipping unreadable %s (%s); %d skipped so far", self.unit, e, self.num_skipped)
+                continue
+            return (self.transform(img) if self.transform is not None else img), target
+        if not self.substitute_unreadable:
+            return None
+        raise ImageReadError(
+            f"{tries} consecutive unreadable {self.unit}s from item {index} ({self.name(index)}): the dataset looks "
+            "corrupt; check it (e.g. re-download or re-extract it)"
+        )
+
+
+class ImageFolderDataset(SkippingDataset):
     """``root/<class>/<image>`` images as ``(transform(rgb_image), class_index)``.
 
     Unreadable files (corrupt, truncated, not really images) are skipped: the item is replaced by the next readable
@@ -233,6 +287,8 @@ class ImageFolderDataset(Dataset):
             :func:`collate_readable`, so every readable image is scored exactly once.
     """
 
+    unit = "image"
+
     def __init__(
         self,
         root: str | os.PathLike[str],
@@ -240,8 +296,8 @@ class ImageFolderDataset(Dataset):
         class_names: Sequence[str] | None = None,
         substitute_unreadable: bool = True,
     ) -> None:
+        super().__init__(transform, substitute_unreadable)
         self.root = Path(root).expanduser()
-        self.substitute_unreadable = substitute_unreadable
         folder_classes, samples = scan_image_folder(self.root)
         if class_names is not None:
             index = {n: i for i, n in enumerate(class_names)}
@@ -257,37 +313,16 @@ class ImageFolderDataset(Dataset):
             self.classes = folder_classes
         self.samples = samples
         self.targets = [t for _, t in samples]
-        self.transform = transform
-        self._skipped = torch.zeros(1, dtype=torch.int64).share_memory_()
-        self._warned: set[str] = set()
-
-    @property
-    def num_skipped(self) -> int:
-        """Unreadable-image encounters so far (all workers, all epochs; a bad file counts each time it is met)."""
-        return int(self._skipped.item())
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Any, int] | None:
-        tries = min(_MAX_SKIP, len(self.samples)) if self.substitute_unreadable else 1
-        for step in range(tries):
-            path, target = self.samples[(index + step) % len(self.samples)]
-            try:
-                img = load_rgb(path)
-            except ImageReadError as e:
-                self._skipped += 1
-                if path not in self._warned:
-                    self._warned.add(path)
-                    log.warning("skipping unreadable image (%s); %d skipped so far", e, self.num_skipped)
-                continue
-            return (self.transform(img) if self.transform is not None else img), target
-        if not self.substitute_unreadable:
-            return None
-        raise ImageReadError(
-            f"{tries} consecutive unreadable images in {self.root} from item {index}: the dataset looks corrupt; "
-            "check the files (e.g. re-download or re-extract them)"
-        )
+    def name(self, index: int) -> str:
+        return str(self.samples[index][0])
+
+    def read(self, index: int) -> tuple[Image.Image, int]:
+        path, target = self.samples[index]
+        return load_rgb(path), target
 
 
 def collate_readable(batch: Sequence[tuple[Any, int] | None]) -> tuple[Tensor, Tensor] | None:

@@ -37,8 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
+from .classification import SkippingDataset
 from .image import IMAGE_EXTENSIONS, ImageReadError, to_rgb
 
 __all__ = [
@@ -53,7 +54,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_MAX_SKIP = 64
 _IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 _LABEL_EXTS = ("cls", "label", "class", "cls.txt")
 
@@ -71,57 +71,6 @@ def decode_rgb(data: bytes, name: str) -> Image.Image:
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, struct.error...
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ImageReadError(f"cannot read image {name}: {msg}") from e
-
-
-class SkippingDataset(Dataset):
-    """Base of the map-style sources: ``transform(image), label`` items, unreadable samples skipped and counted.
-
-    Subclasses implement ``__len__``, :meth:`read` and :meth:`name`. With ``substitute_unreadable`` (training) an
-    unreadable sample is replaced by the next readable one, so an epoch keeps its length; without it (evaluation) the
-    item is None, for a collate function that drops it, so every readable sample is scored once.
-    """
-
-    def __init__(self, transform: Callable[[Image.Image], Any] | None, substitute_unreadable: bool = True) -> None:
-        self.transform = transform
-        self.substitute_unreadable = substitute_unreadable
-        # Shared memory: DataLoader workers' skips add up where the training loop reads them.
-        self._skipped = torch.zeros(1, dtype=torch.int64).share_memory_()
-        self._warned: set[str] = set()
-
-    @property
-    def num_skipped(self) -> int:
-        """Unreadable-sample encounters so far (all workers, all epochs)."""
-        return int(self._skipped.item())
-
-    def read(self, index: int) -> tuple[Image.Image, int]:
-        """The RGB image and label of sample ``index``; raises :class:`ImageReadError` when unreadable."""
-        raise NotImplementedError
-
-    def name(self, index: int) -> str:
-        """A name for sample ``index`` in messages."""
-        return str(index)
-
-    def __getitem__(self, index: int) -> tuple[Any, int] | None:
-        n = len(self)
-        tries = min(_MAX_SKIP, n) if self.substitute_unreadable else 1
-        for step in range(tries):
-            i = (index + step) % n
-            try:
-                img, target = self.read(i)
-            except ImageReadError as e:
-                self._skipped += 1
-                key = self.name(i)
-                if key not in self._warned:
-                    self._warned.add(key)
-                    log.warning("skipping unreadable sample (%s); %d skipped so far", e, self.num_skipped)
-                continue
-            return (self.transform(img) if self.transform is not None else img), target
-        if not self.substitute_unreadable:
-            return None
-        raise ImageReadError(
-            f"{tries} consecutive unreadable samples from item {index} of {self.name(index)}: the dataset looks "
-            "corrupt; check it (e.g. re-download or re-write it)"
-        )
 
 
 # ------------------------------------------------------------------------------------------------ Hugging Face

@@ -277,6 +277,7 @@ def load_detector(
     config: str | Path | None = None,
     overrides: list[str] | None = None,
     device: str | torch.device = "auto",
+    accelerate: bool = True,
 ) -> tuple[nn.Module, DetConfig, list[str]]:
     """A trained detector from ``checkpoint`` (``best.safetensors`` / ``last.safetensors`` / ``last.pt`` of a run).
 
@@ -285,6 +286,8 @@ def load_detector(
         config: the run's config (default: ``config.yaml`` beside the checkpoint, which every run writes).
         overrides: ``key=value`` config overrides (e.g. ``data.test_size=1000``).
         device: where to put the model.
+        accelerate: install :mod:`davit.accelerate`'s inference kernels on the backbone (same weights and outputs as
+            the reference; False or ``DAVIT_ACCELERATE=0`` keeps the reference modules).
 
     Returns:
         ``(model in eval mode, config, class names)``.
@@ -307,9 +310,12 @@ def load_detector(
             f"{checkpoint} does not fit a {cfg.detector.arch} on {cfg.model.name}: {len(missing)} missing (e.g. "
             f"{missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); pass the config it was trained with"
         )
+    from ...accelerate import install
     from ...engine.evaluate import resolve_device
 
-    return model.to(resolve_device(device)).eval(), cfg, list(names or [f"class {i + 1}" for i in range(num_classes)])
+    model = model.to(resolve_device(device)).eval()
+    install(model, mode="infer", enabled=accelerate)
+    return model, cfg, list(names or [f"class {i + 1}" for i in range(num_classes)])
 
 
 def _classes_in_state(state: dict[str, Tensor], arch: str) -> int:

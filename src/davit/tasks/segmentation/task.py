@@ -428,9 +428,17 @@ def _config_for_checkpoint(
 
 
 def load_seg_model(
-    checkpoint: str | os.PathLike[str], cfg: SegConfig, device: str | torch.device = "auto"
+    checkpoint: str | os.PathLike[str],
+    cfg: SegConfig,
+    device: str | torch.device = "auto",
+    accelerate: bool = True,
 ) -> tuple[UperNetDaViT, tuple[str, ...]]:
-    """A trained (or official mmseg) checkpoint -> an eval-mode model on ``device`` and its class names."""
+    """A trained (or official mmseg) checkpoint -> an eval-mode model on ``device`` and its class names.
+
+    ``accelerate`` installs :mod:`davit.accelerate`'s inference kernels on the backbone (same weights and outputs as
+    the reference; ``accelerate=False`` or ``DAVIT_ACCELERATE=0`` keeps the reference modules).
+    """
+    from ...accelerate import install
     from ...engine.evaluate import resolve_device
 
     if not Path(checkpoint).expanduser().is_file():
@@ -440,7 +448,9 @@ def load_seg_model(
     names = class_names(cfg.data)
     model = build_seg_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained="")), len(names))
     load_segmentation_checkpoint(model, Path(checkpoint).expanduser(), strict=True)
-    return model.to(resolve_device(device)).eval(), names
+    model = model.to(resolve_device(device)).eval()
+    install(model, mode="infer", enabled=accelerate)
+    return model, names
 
 
 def evaluate_segmentation(
