@@ -393,3 +393,16 @@ def test_a_fifo_named_like_a_checkpoint_is_refused_not_read_forever(tmp_path: Pa
     for read in (read_checkpoint, read_safetensors_metadata):
         with pytest.raises(CheckpointError, match="not a regular file"):
             read(tmp_path / "w.safetensors")
+
+
+def test_det_predict_refuses_an_image_too_elongated_to_detect_in(tmp_path: Path) -> None:
+    """Found by the battery: a 4000x3 image shrank to 0 rows inside torchvision (a RuntimeError traceback)."""
+    from davit.data import ImageReadError
+    from davit.tasks.detection.models import build_detector
+    from davit.tasks.detection.predict import predict_files
+
+    micro = dict(embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=4)
+    model = build_detector("retinanet", 2, backbone_overrides=micro, fpn_channels=16, test_size=64, max_size=128)
+    Image.new("RGB", (4000, 3)).save(tmp_path / "strip.png")
+    with pytest.raises(ImageReadError, match="strip.png is 4000x3 pixels: too elongated"):
+        predict_files([tmp_path / "strip.png"], None, model=model, classes=["a", "b"], out_dir=tmp_path)
