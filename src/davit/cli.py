@@ -140,10 +140,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _train(a: argparse.Namespace) -> int:
     import os
+    from pathlib import Path
 
     from .engine.run import train_from_config
 
-    summary = train_from_config(a.config, a.overrides, out=a.out, resume=a.resume, device=a.device, task=a.task)
+    resume, overrides = a.resume, list(a.overrides)
+    if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
+        # `--resume key=value`: argparse gave the optional PATH the first override; it is an override, not a path.
+        resume, overrides = True, [resume, *overrides]
+    summary = train_from_config(a.config, overrides, out=a.out, resume=resume, device=a.device, task=a.task)
     if os.environ.get("RANK", "0") == "0":
         if a.json:
             print(json.dumps({k: v for k, v in summary.items() if k != "examples"}, indent=2))

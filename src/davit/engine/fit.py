@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import random
+import re
 import signal
 import threading
 import time
@@ -189,6 +190,22 @@ class _SeededDataset(Dataset):
 def _first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
+
+
+def _state_dict_mismatch(e: BaseException) -> str:
+    """The first concrete difference in a ``load_state_dict`` error (its first line only says "Error(s) in ...")."""
+    for line in str(e).splitlines():
+        line = line.strip()
+        m = re.match(
+            r"size mismatch for (\S+): copying a param with shape (?:torch\.Size\()?(\[[^\]]*\])\)? from "
+            r"checkpoint, the shape in current model is (?:torch\.Size\()?(\[[^\]]*\])",
+            line,
+        )
+        if m:
+            return f"{m[1]} is {m[2]} in the checkpoint but {m[3]} in this model"
+        if line.startswith(("Missing key(s)", "Unexpected key(s)")):
+            return line.rstrip(".")[:300]
+    return _first_line(e)
 
 
 def move_to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
@@ -503,8 +520,8 @@ class _Run:
                 self.optimizer.load_state_dict(state["optimizer"])
             except (RuntimeError, ValueError, KeyError) as e:
                 raise ConfigError(
-                    f"{path} was saved by a run with another model or optimizer ({_first_line(e)}): resume with the "
-                    "config that run used (its config.yaml), or start a new run (another out=, no --resume)"
+                    f"{path} was saved by a run with another model or optimizer ({_state_dict_mismatch(e)}): resume "
+                    "with the config that run used (its config.yaml), or start a new run (another out=, no --resume)"
                 ) from None
         self.sched.load_state_dict(state["scheduler"])
         if self.ema is not None:

@@ -53,6 +53,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint not found: {p}")
     if p.is_dir():
         raise CheckpointError(f"{p} is a directory; pass the checkpoint file inside it (*.safetensors, *.pth, *.bin)")
+    _raise_if_not_regular(p)
     if p.stat().st_size == 0:
         raise CheckpointError(f"{p} is empty (0 bytes): the download or save was interrupted; fetch it again")
     if p.name.endswith(SAFETENSORS_SUFFIXES) or _looks_like_safetensors(p):
@@ -120,11 +121,20 @@ def _read_safetensors(p: Path) -> dict[str, Any]:
         ) from e
 
 
+def _raise_if_not_regular(p: Path) -> None:
+    """A FIFO, socket or device would block a read forever (or never end): only regular files are checkpoints."""
+    import stat
+
+    if p.exists() and not p.is_dir() and not stat.S_ISREG(p.stat().st_mode):
+        raise CheckpointError(f"{p} is not a regular file (a pipe, socket or device); pass a checkpoint file")
+
+
 def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The string metadata of a ``.safetensors`` header (empty for other formats)."""
     from safetensors import safe_open
 
     p = Path(path)
+    _raise_if_not_regular(p)
     if not (p.name.endswith(SAFETENSORS_SUFFIXES) or _looks_like_safetensors(p)):
         return {}
     try:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_segmentation_masks
 
+from davit.data.image import ImageReadError
 from davit.visualize import distinct_colours, font, place_labels, text_colour, text_size
 
 from .task import load_detector
@@ -113,8 +114,16 @@ def predict_files(
     model.eval()
     dev = next(model.parameters()).device
     results = []
+    cap = getattr(getattr(model, "transform", None), "max_size", None)
     for path in map(Path, images):
         img = _read(path)
+        h, w = img.shape[-2:]
+        if cap and min(h, w) * cap / max(h, w) < 1:
+            # The long side is scaled down to max_size: a 4000x3 strip would shrink to 0 rows (a torch traceback).
+            raise ImageReadError(
+                f"{path} is {w}x{h} pixels: too elongated to detect in (its short side would be under one pixel once "
+                f"the long side is scaled to {cap}); crop it into tiles"
+            )
         out = {k: v.cpu() for k, v in model([TF.to_dtype(img, torch.float32, scale=True).to(dev)])[0].items()}
         folder = Path(out_dir) if out_dir is not None else path.parent
         folder.mkdir(parents=True, exist_ok=True)

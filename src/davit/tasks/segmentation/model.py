@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ...models import DaViT
 from ...weights import CheckpointError, LoadReport, load_checkpoint, load_state, read_checkpoint, unwrap_state_dict
+from ...weights.load import check_weights
 from .heads import FCNHead, UPerHead, mmseg_head_to_ours
 
 __all__ = ["UperNetDaViT", "load_segmentation_checkpoint"]
@@ -94,6 +95,8 @@ def load_segmentation_checkpoint(
     src = path_or_state_dict
     raw = unwrap_state_dict(read_checkpoint(src) if isinstance(src, (str, os.PathLike)) else src)
     if "backbone.stem.conv.weight" in raw:
+        # NaN, infinite or integer weights would load and silently predict garbage.
+        check_weights(raw, str(src) if isinstance(src, (str, os.PathLike)) else "the state dict", model.state_dict())
         return _load_own(model, raw)
     sd = load_state(raw)
     report = load_checkpoint(model.backbone, sd, strict=True)
