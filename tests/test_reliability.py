@@ -380,3 +380,99 @@ def test_det_predict_refuses_an_image_too_elongated_to_detect_in(tmp_path: Path)
     Image.new("RGB", (4000, 3)).save(tmp_path / "strip.png")
     with pytest.raises(ImageReadError, match="strip.png is 4000x3 pixels: too elongated"):
         predict_files([tmp_path / "strip.png"], None, model=model, classes=["a", "b"], out_dir=tmp_path)
+
+
+# -------------------------------------------- 12: numbers and --out kinds refused in one line (predict/eval/export)
+def _cli_error(capsys, argv: list[str]) -> str:
+    from davit.cli import main
+
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse refuses a bad value with exit 2
+        rc = e.code
+    err = capsys.readouterr().err.strip()
+    assert rc not in (0, None), err
+    # One error line (argparse prints its usage above it, as for every other bad option).
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("davit ") and err.count("error:") == 1, err
+    return err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("cmd", [["predict", "x.png", "--checkpoint", "c.safetensors"],
+                                 ["eval", "--checkpoint", "c.safetensors", "--data", "d"],
+                                 ["export", "c.safetensors", "--out", "m.onnx"]])  # fmt: skip
+@pytest.mark.parametrize("size", ["0", "-5", "100000"])
+def test_absurd_img_sizes_are_refused_by_predict_eval_and_export(capsys, cmd: list[str], size: str) -> None:
+    from davit.data.transforms import MAX_IMG_SIDE, check_img_size
+
+    err = _cli_error(capsys, [*cmd, "--img-size", size])
+    assert f"up to {MAX_IMG_SIDE}" in err and size in err
+    assert check_img_size(MAX_IMG_SIDE) == MAX_IMG_SIDE and check_img_size(None) is None
+    with pytest.raises(UserError, match="up to"):
+        check_img_size(int(size))
+
+
+def test_predict_and_eval_out_must_be_a_json_file(capsys, tmp_path: Path) -> None:
+    folder = tmp_path / "x.json"
+    folder.mkdir()
+    assert "is a folder" in _cli_error(capsys, ["predict", "x.png", "--checkpoint", "c", "--out", str(folder)])
+    assert "NAME.json" in _cli_error(capsys, ["eval", "--checkpoint", "c", "--data", "d", "--out", "r.txt"])
+
+
+@pytest.mark.parametrize("opset", ["0", "9", "999"])
+def test_export_opset_outside_the_supported_range_names_the_range(capsys, tmp_path: Path, opset: str) -> None:
+    from davit.export import opset_range
+
+    lo, hi = opset_range()
+    err = _cli_error(capsys, ["export", "--model", "davit_tiny", "--random-weights", "--out",
+                              str(tmp_path / "m.onnx"), "--opset", opset])  # fmt: skip
+    assert f"opsets {lo}..{hi}" in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_out_an_existing_folder_is_refused(capsys, tmp_path: Path) -> None:
+    (tmp_path / "m.onnx").mkdir()
+    err = _cli_error(capsys, ["export", "--model", "davit_tiny", "--random-weights", "--out", str(tmp_path / "m.onnx")])
+    assert "is a folder" in err and "model.onnx" in err
+
+
+@pytest.mark.parametrize("thr", ["nan", "2", "-0.1"])
+def test_det_predict_score_threshold_must_be_a_probability(capsys, thr: str) -> None:
+    err = _cli_error(capsys, ["det", "predict", "x.png", "--checkpoint", "c.safetensors", "--score-thr", thr])
+    assert "between 0 and 1" in err
+
+
+def test_export_of_a_headless_checkpoint_is_refused(capsys, tmp_path: Path) -> None:
+    from davit.export import export_onnx
+    from davit.weights import save_safetensors
+
+    model = _tiny()
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    meta = {"model_name": "davit_tiny", "davit_config": json.dumps({**vars(model.cfg), "num_classes": 0})}
+    save_safetensors(sd, tmp_path / "headless.safetensors", metadata=meta)
+    err = _cli_error(capsys, ["export", str(tmp_path / "headless.safetensors"), "--out", str(tmp_path / "m.onnx")])
+    assert "no classification head" in err
+    assert not (tmp_path / "m.onnx").exists()
+    with pytest.raises(UserError, match="no classification head"):
+        export_onnx(_tiny_headless(), tmp_path / "n.onnx")
+
+
+def _tiny_headless():
+    from davit import create_model
+
+    return create_model("davit_tiny", num_classes=0, embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1),
+                        num_heads=(1, 2, 2, 4), window_size=4)  # fmt: skip
+
+
+def test_a_folder_named_like_an_image_is_skipped_with_one_warning(tmp_path: Path, caplog) -> None:
+    from davit.data.classification import scan_image_folder
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / c / "ok.png")
+    clean = scan_image_folder(tmp_path)
+    (tmp_path / "a" / "x.png").mkdir()
+    (tmp_path / "a" / "y.jpg").mkdir()
+    (tmp_path / "a" / "x.png" / "inner.png").write_bytes((tmp_path / "a" / "ok.png").read_bytes())
+    with caplog.at_level("WARNING"):
+        assert scan_image_folder(tmp_path) == clean
+    assert sum("named like an image" in r.getMessage() for r in caplog.records) == 1

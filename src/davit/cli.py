@@ -18,7 +18,13 @@ Handler = Callable[[argparse.Namespace], int | None]
 def _add_zoo(sub: argparse._SubParsersAction) -> None:
     p = _parser(sub, "models", "the model zoo: params, GMACs, reported top-1")
     _json(p)
-    p.add_argument("--img-size", type=int, default=None, help="count GMACs at this input size (default: each model's)")
+    p.add_argument(
+        "--img-size",
+        type=_side,
+        default=None,
+        metavar="PX",
+        help="count GMACs at this input size (default: each model's)",
+    )
     p.set_defaults(func=_models)
 
     p = _parser(sub, "convert", "convert any DaViT checkpoint to a safetensors file with its config")
@@ -81,6 +87,47 @@ def _json(p: argparse.ArgumentParser) -> None:
 
 def _parser(sub: argparse._SubParsersAction, name: str, help: str, **kw: object) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help, description=kw.pop("description", help), formatter_class=_Formatter, **kw)
+
+
+def _img_size(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--img-size", type=_side, default=None, metavar="PX", help=help)
+
+
+def _side(text: str) -> int:
+    # argparse prints an ArgumentTypeError as "davit X: error: argument --img-size: MESSAGE" (one line, exit 2); the
+    # bound is the library's own (davit.data.transforms.check_img_size), so the CLI and the API refuse the same sizes.
+    from .data.transforms import check_img_size
+
+    try:
+        return check_img_size(int(text), name="")  # type: ignore[return-value]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e) if text.lstrip("-").isdigit() else f"not a number: {text!r}") from None
+
+
+def _unit(text: str) -> float:
+    # A score threshold is a probability: NaN keeps nothing silently and 2 draws nothing, so both are mistakes.
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= v <= 1.0:  # False for NaN too
+        raise argparse.ArgumentTypeError(f"must be a score between 0 and 1, not {text}")
+    return v
+
+
+def _check_json_out(a: argparse.Namespace) -> None:
+    """Refuse a ``--out`` that cannot take the result as JSON before any work is done (not after a long eval)."""
+    from pathlib import Path
+
+    from .errors import UserError
+
+    out = getattr(a, "out", None)
+    if out is None:
+        return
+    if not str(out).endswith(".json"):
+        raise UserError(f"--out {out}: this command writes its result as JSON; name the file NAME.json")
+    if Path(out).exists() and not Path(out).is_file():
+        raise UserError(f"--out {out} is a folder (or not a regular file), not a .json file: pick another name")
 
 
 def _emit(a: argparse.Namespace, result: object, text: Callable[[], None]) -> None:
@@ -182,7 +229,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--checkpoint", default=None, help="a davit train output, e.g. runs/x/best.safetensors")
         p.add_argument("--model", default=None, help="zoo name, e.g. davit_tiny (not needed with --checkpoint)")
         p.add_argument("--weights", default=None, help="published tag (msft_in1k) or a checkpoint path")
-        p.add_argument("--img-size", type=int, default=None, help="input side (default: the weights' own)")
+        _img_size(p, "input side (default: the weights' own)")
         _device(p)
         p.add_argument("--no-optimize", action="store_true", help="run the plain model, not davit.optimize's")
         p.add_argument(
@@ -212,6 +259,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval(a: argparse.Namespace) -> None:
+    _check_json_out(a)
     from .engine.evaluate import evaluate_imagefolder
 
     m = evaluate_imagefolder(
@@ -234,6 +282,7 @@ def _eval(a: argparse.Namespace) -> None:
 
 
 def _predict(a: argparse.Namespace) -> None:
+    _check_json_out(a)
     from .engine.predict import predict
 
     results = predict(
@@ -266,7 +315,7 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--channel", type=int, default=0, help="query channel of the channel-attention picture")
     p.add_argument("--cam-stage", type=int, default=-1, help="stage of the Grad-CAM map (default: the last)")
     p.add_argument("--target", default=None, help="class the Grad-CAM explains, name or index (default: predicted)")
-    p.add_argument("--img-size", type=int, default=None, help="input side (default: the weights' own)")
+    _img_size(p, "input side (default: the weights' own)")
     _device(p)
     _json(p)
     p.set_defaults(func=_explain)
@@ -318,7 +367,7 @@ def _dense_common(dsub: argparse._SubParsersAction, task: str, word: str) -> Non
     if task == "seg":
         p.add_argument("--aug-test", action="store_true", help="multi-scale + flip")
     else:
-        p.add_argument("--score-thr", type=float, default=0.5, help="draw detections scoring at least this")
+        p.add_argument("--score-thr", type=_unit, default=0.5, help="draw detections scoring at least this (0..1)")
     _device(p)
     _json(p)
     p.set_defaults(func=_seg_predict if task == "seg" else _det_predict)
@@ -338,6 +387,7 @@ def _add_seg(sub: argparse._SubParsersAction) -> None:
 
 
 def _seg_eval(a: argparse.Namespace) -> None:
+    _check_json_out(a)
     from .engine.run import config_for_checkpoint
     from .tasks.segmentation import evaluate_segmentation
 
@@ -388,6 +438,7 @@ def _add_det(sub: argparse._SubParsersAction) -> None:
 
 
 def _det_eval(a: argparse.Namespace) -> None:
+    _check_json_out(a)
     from .tasks.detection.task import evaluate_checkpoint
 
     m = evaluate_checkpoint(a.config, a.checkpoint, a.overrides, device=a.device)
@@ -441,7 +492,7 @@ def _add_perf(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default=None, help="published weight tag, or 'true' for the default weights")
     p.add_argument("--random-weights", action="store_true", help="export a randomly initialised model on purpose")
     p.add_argument("--format", default="onnx", choices=["onnx", "torch_export", "openvino"], help="file format")
-    p.add_argument("--img-size", type=int, default=None, help="example image side traced (default: the weights')")
+    _img_size(p, "example image side traced (default: the weights')")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset")
     _json(p)
     p.set_defaults(func=_export)

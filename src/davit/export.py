@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .accelerate import installed, uninstall
+from .errors import UserError
 
 __all__ = ["check_onnx", "export_model", "export_onnx", "export_openvino_ir", "export_program"]
 
@@ -42,6 +43,14 @@ CHECK_SIZES: tuple[tuple[int, int, int], ...] = ((1, 224, 224), (2, 250, 333))
 def _classifier(model: nn.Module) -> nn.Module:
     if getattr(model, "features_only", False):
         raise ValueError("export takes a classifier or a segmenter; build the model with features_only=False")
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and getattr(cfg, "num_classes", None) == 0 and not hasattr(model, "decode_head"):
+        # A backbone without a head (a features-only state dict, num_classes=0) would export pooled features under a
+        # file that claims to be a classifier: refuse it, as predict and eval do.
+        raise UserError(
+            "the model has no classification head (num_classes=0: a backbone-only checkpoint); export a classifier "
+            "checkpoint (one with head.fc weights, e.g. a davit train run's best.safetensors)"
+        )
     if installed(model) is not None:  # export the portable reference, never the fused kernels
         model = copy.deepcopy(model)
         uninstall(model)
@@ -77,6 +86,7 @@ def export_onnx(
     Raises:
         ValueError: a features_only model, or onnxruntime disagreeing with the model by more than ``atol``.
     """
+    check_opset(opset, dynamo=not dynamic_hw)
     model = _classifier(model)
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
     path = Path(path)
@@ -223,6 +233,7 @@ def export_model(
         ValueError: random weights without ``random_weights``, a ``name`` that contradicts the file, a detector, a
             bad size, or an output name that does not fit the format.
     """
+    from .data.transforms import check_img_size
     from .factory import create_model, file_metadata
 
     if fmt not in ("onnx", "torch_export", "openvino"):
@@ -234,8 +245,12 @@ def export_model(
         raise ValueError(f"{out}: the onnx format writes a .onnx file; name it .onnx, or pass --format torch_export")
     if fmt == "torch_export" and suffix != ".pt2":
         raise ValueError(f"{out}: the torch_export format writes a .pt2 file; name it .pt2")
-    if img_size is not None and (not isinstance(img_size, int) or img_size < 1):
-        raise ValueError(f"--img-size must be a positive number of pixels, got {img_size}")
+    check_img_size(img_size, name="--img-size")
+    if Path(out).exists() and not Path(out).is_file():
+        raise ValueError(
+            f"--out {out} is a folder (or not a regular file): name the file to write, "
+            f"e.g. {Path(out) / ('model' + suffix)}"
+        )
     if weights and checkpoint:
         raise ValueError("give --weights or a checkpoint, not both")
     if not (weights or checkpoint or random_weights):
@@ -249,6 +264,8 @@ def export_model(
     task = str(meta.get("task", "cls"))
     if task == "det":
         raise ValueError(f"{checkpoint}: {_DET_REFUSAL}")
+    if fmt == "onnx":
+        check_opset(opset, dynamo=task == "seg")  # before any model is built: a bad opset fails in a second
     if task == "seg":
         model, labels, pp, model_name = _seg_model(checkpoint, name)
     else:
@@ -292,6 +309,32 @@ def export_model(
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(program, str(out), extra_files={"davit_metadata.json": json.dumps(props)})
     return {"path": str(out), "seconds": round(time.perf_counter() - t0, 2), "task": task, "model": str(model_name)}
+
+
+def opset_range(*, dynamo: bool = False) -> tuple[int, int]:
+    """The ONNX opsets this torch can write: ``(lowest, highest)`` for the TorchScript exporter (classifiers) or the
+    dynamo exporter (``dynamo=True``: segmenters), as ``torch.onnx`` itself declares them."""
+    from torch.onnx import _constants as c
+
+    if dynamo:
+        # The dynamo exporter writes opset 18 and up (onnxscript's own floor), to torch's newest.
+        return max(18, c.ONNX_BASE_OPSET), c.ONNX_MAX_OPSET
+    # torch's floor is 7, but DaViT's graph needs 11 (measured with torch 2.14: opsets 7 and 9 fail inside the
+    # exporter with "(type 'List[int]')", 11..20 export and match onnxruntime).
+    return max(11, c.ONNX_MIN_OPSET), getattr(c, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", c.ONNX_MAX_OPSET)
+
+
+def check_opset(opset: Any, *, dynamo: bool = False) -> int:
+    """``opset`` if this torch can export it, else a one-line :class:`~davit.errors.UserError` naming the range."""
+    from .errors import UserError
+
+    lo, hi = opset_range(dynamo=dynamo)
+    if isinstance(opset, bool) or not isinstance(opset, int) or not lo <= opset <= hi:
+        kind = "a segmenter (dynamo exporter)" if dynamo else "a classifier"
+        raise UserError(
+            f"--opset {opset} is not supported: torch {torch.__version__} exports {kind} at opsets {lo}..{hi}"
+        )
+    return opset
 
 
 def _check_sizes(side: int) -> tuple[tuple[int, int, int], ...]:

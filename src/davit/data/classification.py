@@ -165,7 +165,7 @@ def walk_files(folder: str | os.PathLike[str], max_dirs: int = MAX_WALK_DIRS) ->
     """
     out: list[str] = []
     seen: set[tuple[int, int]] = set()
-    warned = 0
+    warned = odd_dirs = 0
     # (path, real ancestors' ids): the ancestors tell a loop from a second link to the same folder
     # The folders above the root count as ancestors too: a link to one of them (``loop -> ..``) would read the
     # sibling folders (other classes) into this one.
@@ -204,7 +204,12 @@ def walk_files(folder: str | os.PathLike[str], max_dirs: int = MAX_WALK_DIRS) ->
                 is_dir = e.is_dir()
             except OSError:
                 is_dir = False
-            if is_dir:
+            if is_dir and is_image_file(e.name):
+                # A folder named like an image (x.png) is a mistake, not a sub-tree of images: skip it, say so once.
+                if not odd_dirs:
+                    log.warning("skipping %s: a folder named like an image file (not read)", e.path)
+                odd_dirs += 1
+            elif is_dir:
                 if not e.name.startswith("."):
                     subdirs.append(e.path)
             elif e.is_file() or not e.is_symlink():

@@ -17,7 +17,9 @@ from torch import Tensor
 from .config import IMAGENET_MEAN, IMAGENET_STD, ClsDataConfig
 
 __all__ = [
+    "MAX_IMG_SIDE",
     "build_eval_transform",
+    "check_img_size",
     "build_train_transform",
     "create_transform",
     "eval_transform_from_config",
@@ -31,6 +33,33 @@ DEFAULT_PREPROCESSING: dict[str, Any] = {
 }  # fmt: skip
 
 Transform = Callable[[Any], Tensor]
+
+# The largest input side accepted from a user (eval, predict, export, explain). DaViT's attention memory grows with the
+# square of the pixel count: 8192 px already needs tens of GB per image, and a typo (100000) would try to allocate
+# terabytes and die in a traceback, so anything larger is a mistake to refuse in one line.
+MAX_IMG_SIDE = 8192
+
+
+def check_img_size(img_size: Any, *, name: str = "img_size") -> int | None:
+    """``img_size`` as an int side, or ``None`` (the weights' own); refuse anything outside ``1..MAX_IMG_SIDE``.
+
+    Args:
+        img_size: the requested input side in pixels, or ``None``.
+        name: what the user called it (``--img-size`` on the command line), for the message.
+
+    Raises:
+        UserError: not a whole number of pixels in ``1..MAX_IMG_SIDE``.
+    """
+    from ..errors import UserError
+
+    if img_size is None:
+        return None
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or not 1 <= img_size <= MAX_IMG_SIDE:
+        raise UserError(
+            f"{name + ' ' if name else ''}must be a positive number of pixels up to {MAX_IMG_SIDE}, not {img_size!r} "
+            "(omit it to use the weights' own)"
+        )
+    return img_size
 
 
 def build_train_transform(cfg: ClsDataConfig) -> Transform:

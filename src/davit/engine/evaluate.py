@@ -396,7 +396,9 @@ def evaluate_imagefolder(
     from torch.utils.data import DataLoader
 
     from ..data.classification import ImageFolderDataset, collate_readable, scan_image_folder, skipped_images
+    from ..data.transforms import check_img_size
 
+    check_img_size(img_size)
     root = Path(root).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"data folder not found: {root}")

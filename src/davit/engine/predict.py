@@ -76,14 +76,14 @@ def predict_loaded(
     every file's header is checked first, so a missing or non-image file still fails before any work is done.
     """
     from ..data.image import check_image_header, load_rgb, to_rgb
+    from ..data.transforms import check_img_size
     from ..errors import UserError
 
     if topk < 1:
         raise UserError(f"topk must be at least 1, not {topk}")
     if batch_size < 1:
         raise UserError(f"batch_size must be at least 1, not {batch_size}")
-    if img_size is not None and img_size < 1:
-        raise UserError(f"img_size must be a positive number of pixels, not {img_size} (omit it to use the weights')")
+    check_img_size(img_size)
     for im in images:
         if not isinstance(im, Image.Image):
             check_image_header(im)

@@ -14,6 +14,7 @@ from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_segmentation_masks
 
 from davit.data.image import ImageReadError
+from davit.errors import UserError
 from davit.visualize import distinct_colours, font, place_labels, text_colour, text_size
 
 from .task import load_detector
@@ -108,6 +109,8 @@ def predict_files(
         One dict per image: ``image``, ``out`` (the PNG), ``detections`` (``label``, ``class``, ``score``, ``box``
         xyxy pixels).
     """
+    if not 0.0 <= score_thr <= 1.0:  # NaN fails this too: it would silently keep nothing
+        raise UserError(f"score_thr must be a score between 0 and 1, not {score_thr}")
     if model is None:
         model, _, classes = load_detector(checkpoint, config, device=device)
     classes = list(classes or [])
