@@ -486,14 +486,18 @@ def _add_perf(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("checkpoint", nargs="?", default=None, help="a checkpoint file (any supported layout)")
     p.add_argument(
-        "--out", default=None, help="output file: .onnx, .xml with --format openvino, .pt2 with --format torch_export"
+        "--out",
+        default=None,
+        help="output file, not a folder: .onnx, .xml with --format openvino, .pt2 with --format torch_export",
     )
     p.add_argument("--model", default=None, help="zoo name (not needed when the checkpoint records it)")
     p.add_argument("--weights", default=None, help="published weight tag, or 'true' for the default weights")
     p.add_argument("--random-weights", action="store_true", help="export a randomly initialised model on purpose")
     p.add_argument("--format", default="onnx", choices=["onnx", "torch_export", "openvino"], help="file format")
     _img_size(p, "example image side traced (default: the weights')")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    p.add_argument(
+        "--opset", type=int, default=17, help="ONNX opset (one torch cannot write is refused, naming the range)"
+    )
     _json(p)
     p.set_defaults(func=_export)
 
