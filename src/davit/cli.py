@@ -496,7 +496,10 @@ def _add_perf(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="onnx", choices=["onnx", "torch_export", "openvino"], help="file format")
     _img_size(p, "example image side traced (default: the weights')")
     p.add_argument(
-        "--opset", type=int, default=17, help="ONNX opset (one torch cannot write is refused, naming the range)"
+        "--opset",
+        type=int,
+        default=None,
+        help="ONNX opset (default: 17 for classifiers, 18 for segmenters; one torch cannot write is refused)",
     )
     _json(p)
     p.set_defaults(func=_export)

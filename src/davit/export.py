@@ -206,7 +206,7 @@ def export_model(
     checkpoint: str | None = None,
     fmt: str = "onnx",
     img_size: int | None = None,
-    opset: int = 17,
+    opset: int | None = None,
     random_weights: bool = False,
 ) -> dict[str, Any]:
     """Export a classifier (zoo weights or a checkpoint) or a segmentation checkpoint, with its metadata.
@@ -222,7 +222,7 @@ def export_model(
         fmt: ``"onnx"``, ``"torch_export"`` or ``"openvino"`` (a classifier as an OpenVINO IR, see
             :func:`export_openvino_ir`).
         img_size: the example image side (default: the weights' own).
-        opset: ONNX opset.
+        opset: ONNX opset (default: 17 for a classifier, 18 for a segmenter, whose dynamo exporter writes 18 and up).
         random_weights: export a randomly initialised model (refused otherwise: a file that looks trained but is not).
 
     Returns:
@@ -264,6 +264,8 @@ def export_model(
     task = str(meta.get("task", "cls"))
     if task == "det":
         raise ValueError(f"{checkpoint}: {_DET_REFUSAL}")
+    if opset is None:
+        opset = 18 if task == "seg" else 17
     if fmt == "onnx":
         check_opset(opset, dynamo=task == "seg")  # before any model is built: a bad opset fails in a second
     if task == "seg":
