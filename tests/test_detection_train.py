@@ -106,9 +106,13 @@ def test_predict_cli_draws_png(run: dict[str, Any], capsys: pytest.CaptureFixtur
     assert drawn.is_file() and "000000_det.png" in capsys.readouterr().out
     a, b = Image.open(img).convert("RGB"), Image.open(drawn).convert("RGB")
     assert a.size == b.size and a.tobytes() != b.tobytes()  # something was drawn
-    # With an impossible threshold nothing is drawn: the PNG is the image itself.
-    assert main([*args, "--score-thr", "1.01"]) == 0
+    # With the highest threshold (1: a score is a probability) this barely trained model draws nothing: the PNG is
+    # the image itself. Above 1 is a mistake (it would silently draw nothing), refused in one line.
+    assert main([*args, "--score-thr", "1"]) == 0
     assert Image.open(drawn).convert("RGB").tobytes() == a.tobytes()
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--score-thr", "1.01"])
+    assert e.value.code == 2 and "between 0 and 1" in capsys.readouterr().err
 
 
 def test_cli_user_errors_are_one_line(run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
