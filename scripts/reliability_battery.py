@@ -426,7 +426,9 @@ def bad_input_cases(d: Path, ck: dict[str, Path], data: dict[str, Path], clean: 
         "a scalar": b"42\n",
         "empty": b"",
         "tab indent": b"model:\n\tname: davit_tiny\n",
-        "duplicate keys": f"_base_: {ROOT / 'configs/cls/digits.yaml'}\ntrain: {{epochs: 1}}\ntrain: {{epochs: 2}}\n".encode(),
+        "duplicate keys": (
+            f"_base_: {ROOT / 'configs/cls/digits.yaml'}\ntrain: {{epochs: 1}}\ntrain: {{epochs: 2}}\n".encode()
+        ),
         "unknown top key": f"_base_: {ROOT / 'configs/cls/digits.yaml'}\nbogus: 1\n".encode(),
         "unknown nested key": f"_base_: {ROOT / 'configs/cls/digits.yaml'}\ntrain: {{epoch: 3}}\n".encode(),
         "missing _base_": b"_base_: /nowhere/base.yaml\n",
