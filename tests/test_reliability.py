@@ -454,3 +454,26 @@ def test_duplicate_yaml_keys_are_refused_naming_key_and_file(tmp_path: Path) -> 
     # YAML merge keys may legitimately be overridden by the mapping's own keys.
     p.write_text("a: &x {b: 1, c: 2}\nd:\n  <<: *x\n  b: 5\n")
     assert read_yaml(p) == {"a": {"b": 1, "c": 2}, "d": {"b": 5, "c": 2}}
+
+
+def test_data_root_ignored_by_a_digits_recipe_is_warned_about(tmp_path: Path, capsys, caplog) -> None:
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        rc, err = _train_cli(tmp_path, capsys, "train.workers=0", "train.epochs=1", "data.root=/my/images")
+    assert rc == 0, err
+    line = next(r.getMessage() for r in caplog.records if "data.root" in r.getMessage())
+    assert "data.root=/my/images is ignored" in line and "data.kind=imagefolder" in line, line
+
+
+def test_info_on_weights_without_davit_metadata_says_so(tmp_path: Path, capsys) -> None:
+    from safetensors.torch import save_file
+
+    from davit import create_model
+    from davit.cli import main
+
+    m = create_model("davit_tiny", embed_dims=[8, 16, 32, 64], num_heads=[1, 2, 2, 4], num_classes=3)
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    assert main(["info", str(tmp_path / "w.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "metadata: none from davit" in out and "num_classes: 3" in out, out
