@@ -72,7 +72,8 @@ def _info(a: argparse.Namespace) -> None:
 #   --out     where results are written (a run folder for train, a folder for predict, a file for eval/export)
 #   --resume  [PATH]: continue the run in --out (or from PATH)
 def _device(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
-    p.add_argument("--device", default=default, help="auto | cpu | cuda | cuda:N")
+    hint = "" if default else " (default: the recipe's train.device)"
+    p.add_argument("--device", default=default, help=f"auto | cpu | cuda | cuda:N{hint}")
 
 
 def _json(p: argparse.ArgumentParser) -> None:
