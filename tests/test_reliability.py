@@ -476,3 +476,100 @@ def test_a_folder_named_like_an_image_is_skipped_with_one_warning(tmp_path: Path
     with caplog.at_level("WARNING"):
         assert scan_image_folder(tmp_path) == clean
     assert sum("named like an image" in r.getMessage() for r in caplog.records) == 1
+
+
+# ------------------------------------------------------------------------- training and config input (issue 14)
+def _train_cli(tmp_path: Path, capsys, *args: str) -> tuple[int, str]:
+    from davit.cli import main
+
+    (tmp_path / "m.yaml").write_text(MICRO)
+    rc = main(["train", "--config", str(tmp_path / "m.yaml"), "--out", str(tmp_path / "run"), *args])
+    return rc, capsys.readouterr().err
+
+
+def test_resuming_a_finished_run_rewrites_exported_weights_a_kill_left_behind(tmp_path: Path, capsys) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    rc, err = _train_cli(tmp_path, capsys, "train.workers=0")
+    assert rc == 0, err
+    last = tmp_path / "run/last.safetensors"
+    want = read_checkpoint(last)
+    with safe_open(str(last), "pt") as h:
+        meta = h.metadata()
+    # What a SIGKILL inside the final last.safetensors save leaves: last.pt final, the export one save behind.
+    save_file({k: torch.zeros_like(v) for k, v in want.items()}, str(last), metadata={**meta, "step": "1"})
+    rc, err = _train_cli(tmp_path, capsys, "train.workers=0", "--resume")
+    assert rc == 0, err
+    got = read_checkpoint(last)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    with safe_open(str(last), "pt") as h:
+        assert h.metadata()["step"] == meta["step"]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--device", "bogus"], "train.device must be one of cpu, cuda, cuda:N, mps, auto; got 'bogus'"),
+        (["train.device=tpu"], "train.device must be one of cpu, cuda, cuda:N, mps, auto; got 'tpu'"),
+        (["model.overrides.depths=[-1,1,1,1]"], "depths must be whole numbers >= 1"),
+        (["model.overrides.embed_dims=[8,16,32,0]"], "embed_dims must be whole numbers >= 1"),
+        (["data.img_size=100000"], "data.img_size must be at most 8192 pixels"),
+        (["out=/elsewhere"], "--out"),
+        (["train.device=cpu", "--device", "cuda"], "--device cuda contradicts the override train.device=cpu"),
+    ],
+)
+def test_bad_training_config_values_are_one_line(tmp_path: Path, capsys, args: list[str], needle: str) -> None:
+    rc, err = _train_cli(tmp_path, capsys, *args)
+    assert rc == 2 and _one_line_error(err), err
+    assert needle in err, err
+    assert not (tmp_path / "run/last.pt").exists()  # refused before any training
+
+
+def test_recipe_device_is_not_overridden_by_an_unset_device_option(tmp_path: Path, capsys) -> None:
+    # --device used to default to auto and silently replace the recipe's train.device (tpu trained on CPU).
+    from davit.cli import main
+
+    (tmp_path / "m.yaml").write_text(MICRO)
+
+    cfg = tmp_path / "m2.yaml"
+    cfg.write_text(f"_base_: {tmp_path / 'm.yaml'}\n" + "train: {device: tpu}\n")
+    rc = main(["train", "--config", str(cfg), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "got 'tpu'" in err, err
+
+
+def test_duplicate_yaml_keys_are_refused_naming_key_and_file(tmp_path: Path) -> None:
+    p = tmp_path / "dup.yaml"
+    p.write_text("train: {epochs: 1}\nmodel: {name: davit_tiny}\ntrain: {epochs: 2}\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: key 'train' is given twice \(lines 1 and 3\)"):
+        read_yaml(p)
+    p.write_text("train: {epochs: 1, epochs: 3}\n")
+    with pytest.raises(ConfigError, match="key 'epochs' is given twice"):
+        read_yaml(p)
+    # YAML merge keys may legitimately be overridden by the mapping's own keys.
+    p.write_text("a: &x {b: 1, c: 2}\nd:\n  <<: *x\n  b: 5\n")
+    assert read_yaml(p) == {"a": {"b": 1, "c": 2}, "d": {"b": 5, "c": 2}}
+
+
+def test_data_root_ignored_by_a_digits_recipe_is_warned_about(tmp_path: Path, capsys, caplog) -> None:
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        rc, err = _train_cli(tmp_path, capsys, "train.workers=0", "train.epochs=1", "data.root=/my/images")
+    assert rc == 0, err
+    line = next(r.getMessage() for r in caplog.records if "data.root" in r.getMessage())
+    assert "data.root=/my/images is ignored" in line and "data.kind=imagefolder" in line, line
+
+
+def test_info_on_weights_without_davit_metadata_says_so(tmp_path: Path, capsys) -> None:
+    from safetensors.torch import save_file
+
+    from davit import create_model
+    from davit.cli import main
+
+    m = create_model("davit_tiny", embed_dims=[8, 16, 32, 64], num_heads=[1, 2, 2, 4], num_classes=3)
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    assert main(["info", str(tmp_path / "w.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "metadata: none from davit" in out and "num_classes: 3" in out, out

@@ -48,7 +48,8 @@ def test_cli_grammar_is_the_same_in_every_subcommand(capsys: pytest.CaptureFixtu
     parser = build_parser()
     for argv in (["train"], ["seg", "train"], ["det", "train"]):
         a = parser.parse_args([*argv, "--config", "cls/digits", "--resume"])
-        assert a.resume is True and a.device == "auto" and a.json is False
+        # None: an unset --device leaves the recipe's train.device (itself auto by default) in force.
+        assert a.resume is True and a.device is None and a.json is False
         a = parser.parse_args([*argv, "--config", "cls/digits", "--resume", "runs/x/last.pt", "epochs=1"])
         assert a.resume == "runs/x/last.pt" and a.overrides == ["epochs=1"]
     for argv in (["seg", "eval"], ["det", "eval"], ["seg", "predict", "x.png"], ["det", "predict", "x.png"]):
@@ -60,7 +61,7 @@ def test_cli_grammar_is_the_same_in_every_subcommand(capsys: pytest.CaptureFixtu
     assert "davit train --config cls/digits" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--help"])
-    assert "(default: auto)" in capsys.readouterr().out
+    assert "(default: the recipe's train.device)" in " ".join(capsys.readouterr().out.split())
 
 
 # ------------------------------------------------------------------------------------------ a self-describing run

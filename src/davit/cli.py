@@ -77,8 +77,9 @@ def _info(a: argparse.Namespace) -> None:
 #   --json    print the result as JSON instead of text
 #   --out     where results are written (a run folder for train, a folder for predict, a file for eval/export)
 #   --resume  [PATH]: continue the run in --out (or from PATH)
-def _device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+def _device(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    hint = "" if default else " (default: the recipe's train.device)"
+    p.add_argument("--device", default=default, help=f"auto | cpu | cuda | cuda:N{hint}")
 
 
 def _json(p: argparse.ArgumentParser) -> None:
@@ -170,7 +171,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="run folder (default: the recipe's out)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
                    help="continue from OUT/last.pt if it exists, or from PATH")  # fmt: skip
-    _device(p)
+    # No default here: an unset --device must leave the recipe's (or an override's) train.device alone.
+    _device(p, default=None)
     _json(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. epochs=4 optim.lr=5e-4 data.root=DIR")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -40,6 +41,29 @@ class ConfigError(UserError):
     """A recipe or override that does not fit the config schema; the message names the key and the fix."""
 
 
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping that gives one key twice (PyYAML would silently keep the last)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping, naming it and its line."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:  # before super() flattens `<<:` merges, whose keys may be overridden
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(f"key {key!r} is given twice (lines {seen[key]} and {line}); keep one")
+                seen[key] = line
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                break
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | os.PathLike[str], _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a recipe, following ``_base_: other.yaml`` (relative to the file, a string or list) recursively."""
     p = Path(path)
@@ -49,7 +73,9 @@ def read_yaml(path: str | os.PathLike[str], _chain: tuple[Path, ...] = ()) -> di
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.load(p.read_text(), Loader=_StrictLoader) or {}  # noqa: S506 (a SafeLoader subclass)
+    except _DuplicateKey as e:
+        raise ConfigError(f"{p}: {e}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{p} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
@@ -384,6 +410,9 @@ class LoopConfig:
             raise ValueError(f"train.memory_saving must be none, mlp or all; got {self.memory_saving!r}")
         if self.cpu_allocator not in ("auto", "speed", "memory", "system"):
             raise ValueError(f"train.cpu_allocator must be auto, speed, memory or system; got {self.cpu_allocator!r}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device)):
+            # Checked here, before any data or model is built: torch.device() would raise a RuntimeError mid-start.
+            raise ValueError(f"train.device must be one of cpu, cuda, cuda:N, mps, auto; got {self.device!r}")
         if self.distributed not in ("auto", "none", "ddp", "fsdp"):
             raise ValueError(f"train.distributed must be auto, none, ddp or fsdp; got {self.distributed!r}")
         if self.epochs < 0 or self.iters < 0 or (self.epochs > 0 and self.iters > 0):

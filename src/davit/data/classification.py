@@ -64,6 +64,12 @@ def build_classification_datasets(
     train_tf = build_train_transform(cfg)
     eval_tf = eval_transform_from_config(cfg)
     if cfg.kind == "digits":
+        if cfg.root:  # a user pointing a digits recipe at their folder would otherwise train on digits unawares
+            log.warning(
+                "warning: data.root=%s is ignored: data.kind=digits uses scikit-learn's built-in digits; add "
+                "data.kind=imagefolder to train on that folder",
+                cfg.root,
+            )
         train_idx, val_idx = digits_split(cfg.val_split, cfg.split_seed)
         classes = [str(i) for i in range(10)]
         return (

@@ -16,6 +16,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _KINDS = ("digits", "imagefolder", "hf", "wds")
+MAX_IMG_SIZE = 8192  # far above any real training size (DaViT-Large fine-tunes at 384-512)
 _INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 
 
@@ -82,6 +83,12 @@ class ClsDataConfig:
             raise ValueError("data.streaming=true needs data.kind=hf (webdataset shards are read in place already)")
         if self.img_size < 1:
             raise ValueError(f"data.img_size must be a positive number of pixels, not {self.img_size}")
+        if self.img_size > MAX_IMG_SIZE:
+            # One 100000-pixel square float image alone is 120 GB: refuse it here rather than hang allocating it.
+            raise ValueError(
+                f"data.img_size must be at most {MAX_IMG_SIZE} pixels (one {self.img_size}x{self.img_size} RGB image "
+                f"is {3 * 4 * self.img_size**2 / 1e9:.1f} GB as float32), not {self.img_size}"
+            )
         if not 0.0 < self.crop_pct <= 1.0:
             raise ValueError(f"data.crop_pct must be in (0, 1], not {self.crop_pct}")
         if self.interpolation not in _INTERPOLATIONS:

@@ -61,6 +61,11 @@ def _pick_device(spec: str, local_rank: int) -> torch.device:
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={spec} but no CUDA device is available; use train.device=cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ConfigError(f"train.device={spec} does not exist: this machine has {n} GPU(s), cuda:0..cuda:{n - 1}")
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError(f"train.device={spec} but MPS is not available here; use train.device=cpu or auto")
     if device.type == "cuda" and device.index is None:
         device = torch.device(f"cuda:{local_rank}")
     return device

@@ -581,19 +581,53 @@ class _Run:
             if self.ema is not None:
                 state["ema"] = self.ema.state_dict()
             save_training_state(self.out / "last.pt", state)
-            extra = self.task.weights_metadata() if hasattr(self.task, "weights_metadata") else {}  # type: ignore[attr-defined]
-            model_cfg = getattr(self.cfg, "model", None)
-            if getattr(model_cfg, "name", None):
-                extra.setdefault("model_name", model_cfg.name)
-            # The task and the whole resolved config make the file self-describing: info, eval, predict and export
-            # need nothing else (config_for_checkpoint reads them back).
-            meta = weights_metadata(
-                self.raw, self.class_names, epoch=self.p.epoch, step=self.p.step,
-                config=json.dumps(to_dict(self.cfg)), **({"task": self.task_name} if self.task_name else {}), **extra,
-            )  # fmt: skip
+            self._export(weights, last=True, best=best)
+        barrier()
+
+    def _export(self, weights: dict[str, Tensor], last: bool, best: bool) -> None:
+        """Write ``last.safetensors`` and/or ``best.safetensors`` of the current progress (main rank)."""
+        extra = self.task.weights_metadata() if hasattr(self.task, "weights_metadata") else {}  # type: ignore[attr-defined]
+        model_cfg = getattr(self.cfg, "model", None)
+        if getattr(model_cfg, "name", None):
+            extra.setdefault("model_name", model_cfg.name)
+        # The task and the whole resolved config make the file self-describing: info, eval, predict and export
+        # need nothing else (config_for_checkpoint reads them back).
+        meta = weights_metadata(
+            self.raw, self.class_names, epoch=self.p.epoch, step=self.p.step,
+            config=json.dumps(to_dict(self.cfg)), **({"task": self.task_name} if self.task_name else {}), **extra,
+        )  # fmt: skip
+        if last:
             save_weights(self.out / "last.safetensors", weights, meta)
-            if best:
-                save_weights(self.out / "best.safetensors", weights, meta)
+        if best:
+            save_weights(self.out / "best.safetensors", weights, meta)
+
+    def _sync_exports(self) -> None:
+        """After a resume, rewrite ``last.safetensors`` (and ``best.safetensors`` when the resumed step was the best)
+        if they do not record ``last.pt``'s step: a kill inside the save after ``last.pt`` leaves them one save
+        behind, and a finished run resumed does not save again. Collective (FSDP gathers the weights)."""
+        p = self.p
+
+        def stale(name: str) -> bool:
+            try:
+                from safetensors import safe_open
+
+                with safe_open(str(self.out / name), "pt") as h:
+                    return str((h.metadata() or {}).get("step")) != str(p.step)
+            except Exception:  # missing, cut short or not safetensors: rewrite it
+                return True
+
+        row = p.history[-1] if p.history else None
+        was_best = row is not None and row.get("step") == p.step and (
+            self.val_loader is None or p.best_epoch == (row["epoch"] if self.tc.epochs else p.step)
+        )  # fmt: skip
+        # Rank 0's view decides for all: every rank must take the same branch into the collective gather below.
+        last, best = all_gather_object((stale("last.safetensors"), was_best and stale("best.safetensors")))[0]
+        if not (last or best):
+            return
+        weights = self._weights_state()
+        if self.info.is_main:
+            log.info("rewriting the exported weights of step %d, which an interrupted save left behind", p.step)
+            self._export(weights, last=last, best=best)
         barrier()
 
     # ------------------------------------------------------------------------------------------------ the loop
@@ -622,6 +656,7 @@ class _Run:
             path = self._resume_path()
             if path is not None:
                 self._load(path)
+                self._sync_exports()
             else:
                 # Different streams per rank for dropout / drop path / mixup after the identical initialisation.
                 _seed_all(self.tc.seed + self.info.rank)

@@ -251,6 +251,11 @@ def train_from_config(
     from .fit import fit
 
     items = list(overrides)
+    # An option and an override that set the same key differently: refuse rather than pick one silently.
+    for flag, key, value in (("--out", "out", out), ("--device", "train.device", device)):
+        given = [o.partition("=")[2] for o in items if o.partition("=")[0].strip() in (key, key.split(".")[-1])]
+        if value and given and any(str(g) != str(value) for g in given):
+            raise ConfigError(f"{flag} {value} contradicts the override {key}={given[-1]}; give only one of them")
     if out:
         items.append(f"out={out}")
     if resume:

@@ -513,6 +513,15 @@ class DaViTConfig:
                 f"embed_dims, depths and num_heads need one entry per stage; got {self.embed_dims}, "
                 f"{self.depths}, {self.num_heads}"
             )
+        for name in ("embed_dims", "depths", "num_heads"):
+            values = getattr(self, name)
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+                raise ValueError(f"{name} must be whole numbers >= 1 (one per stage); got {list(values)}")
+        if not (self.mlp_ratio > 0 and self.in_chans >= 1 and self.num_classes >= 0):  # num_classes=0: no head
+            raise ValueError(
+                f"mlp_ratio must be > 0, in_chans >= 1 and num_classes >= 0; got {self.mlp_ratio}, {self.in_chans}, "
+                f"{self.num_classes}"
+            )
         for dim, heads in zip(self.embed_dims, self.num_heads):
             if heads <= 0 or dim % heads:
                 raise ValueError(f"embed dim {dim} is not divisible by its {heads} heads; pick heads that divide it")

@@ -74,6 +74,12 @@ def describe_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     for key in ("class_names", "preprocessing"):
         if key in meta:
             info[key] = json.loads(meta[key])
+    if meta.get("format") != "davit":
+        # Valid (timm / official / converted weights carry none), but say what is missing rather than leave it out.
+        info["metadata"] = (
+            "none from davit: architecture inferred from the tensor shapes; no class names or preprocessing "
+            "(davit convert adds davit metadata)"
+        )
     cfg = davit_config_of(meta, path)
     if cfg is not None:
         try:

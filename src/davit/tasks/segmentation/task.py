@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ...config import ConfigError, LoopConfig, ModelConfig, OptimConfig, SchedConfig
+from ...data.config import MAX_IMG_SIZE
 from ...data.segmentation import (
     ADE20K_CLASSES,
     IGNORE_INDEX,
@@ -109,6 +110,8 @@ class SegDataConfig:
             raise ValueError(f"data.bad_labels must be error or ignore, got {self.bad_labels!r}")
         if self.num_classes < 1 or min(self.crop_size) < 1 or not 0 < self.ratio_range[0] <= self.ratio_range[1]:
             raise ValueError("data.num_classes and crop_size must be >= 1 and ratio_range an increasing positive pair")
+        if max(self.crop_size) > MAX_IMG_SIZE:  # a huge crop would hang allocating, not fail
+            raise ValueError(f"data.crop_size must be at most {MAX_IMG_SIZE} pixels a side, not {list(self.crop_size)}")
 
 
 @dataclasses.dataclass(frozen=True)
