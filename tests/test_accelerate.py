@@ -419,9 +419,14 @@ def test_optimize_compile_equals_reference_and_restores_no_global(tiny_cfg: DaVi
 
     before = (inductor_config.freezing, inductor_config.cpp_wrapper)
     model = DaViT(tiny_cfg).eval()
-    x = torch.randn(2, 3, 32, 32)
+    # 128 px: the stage-1 Linears have >= 512 rows, so the fp32 oneDNN Linear is traced (it needs frozen weights)
+    x = torch.randn(2, 3, 128, 128)
     fast = davit.optimize(model, compile=True, example_input=x)  # checks < 1e-4 relative itself
     assert fast.compiled
+    assert (inductor_config.freezing, inductor_config.cpp_wrapper) == before
+    y = torch.randn(1, 3, 96, 96)  # another shape: a recompile after optimize() returned
+    with torch.no_grad():
+        torch.testing.assert_close(fast(y), model(y), rtol=1e-4, atol=1e-4)
     assert (inductor_config.freezing, inductor_config.cpp_wrapper) == before
 
 

@@ -72,6 +72,16 @@ class OptimizedModel(nn.Module):
         # Not a submodule attribute (a compiled wrapper would register the model twice in state_dict).
         object.__setattr__(self, "_runner", runner)
         self._device_type = next(model.parameters()).device.type
+        # Inductor options that must hold while a (re)compile happens, i.e. around every call of a compiled runner:
+        # set by optimize() for the CPU compile; patched per call and restored, never left set globally.
+        self._inductor_options: dict[str, Any] = {}
+
+    def _compiling(self) -> contextlib.AbstractContextManager:
+        if not self._inductor_options:
+            return contextlib.nullcontext()
+        import torch._inductor.config as inductor_config
+
+        return inductor_config.patch(**self._inductor_options)
 
     @property
     def cfg(self) -> Any:
@@ -84,7 +94,7 @@ class OptimizedModel(nn.Module):
         return torch.autocast(self._device_type, dtype=self.dtype)
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self._autocast(), self._compiling():
             out = self._runner(x if self.autocast else x.to(self.dtype))
         if isinstance(out, Tensor):
             return out.float()
@@ -169,9 +179,14 @@ def optimize(
             # Freezing folds the (constant) weights into the graph and lets Inductor pre-pack them for oneDNN; the C++
             # wrapper calls the generated kernels and the oneDNN ops from C++ instead of a Python wrapper (batch-1
             # latency -10% in bf16 (21.2 -> 18.9 ms) and -5% in fp32, batch 32 -2%, for ~5 s more compiling). Passed
-            # as this compile's options, so no global Inductor setting changes.
+            # as this compile's options, so no global Inductor setting changes. Freezing must also be set while each
+            # (re)compile runs (torch 2.14 decides it before applying the options: without it the oneDNN Linears'
+            # weights are graph inputs and the lowering fails, "weight must be a graph constant"), hence the per-call
+            # patch in OptimizedModel.forward.
             runner = torch.compile(runner, options={"freezing": True, "cpp_wrapper": True})
     fast = OptimizedModel(model, dtype, bool(compile), runner, autocast)
+    if compile and device.type == "cpu":
+        fast._inductor_options = {"freezing": True}
     if example_input is not None:
         _check(fast, model, example_input)
     return fast
