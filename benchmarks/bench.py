@@ -179,7 +179,7 @@ def _compile_timm(model: Any) -> Any:
     uses, so both compiled rows get the same compiler settings."""
     import torch
 
-    return torch.compile(copy.deepcopy(model), options={"freezing": True, "cpp_wrapper": True})
+    return torch.compile(copy.deepcopy(model), options={"freezing": True, "cpp_wrapper": True}, dynamic=False)
 
 
 def low_cpu_share(row: dict[str, Any]) -> bool:

@@ -174,7 +174,7 @@ def optimize(
             prepack_linears(runner)
     if compile:
         if device.type == "cuda":
-            runner = torch.compile(runner, mode="max-autotune-no-cudagraphs")
+            runner = torch.compile(runner, mode="max-autotune-no-cudagraphs", dynamic=False)
         else:
             # Freezing folds the (constant) weights into the graph and lets Inductor pre-pack them for oneDNN; the C++
             # wrapper calls the generated kernels and the oneDNN ops from C++ instead of a Python wrapper (batch-1
@@ -182,8 +182,10 @@ def optimize(
             # as this compile's options, so no global Inductor setting changes. Freezing must also be set while each
             # (re)compile runs (torch 2.14 decides it before applying the options: without it the oneDNN Linears'
             # weights are graph inputs and the lowering fails, "weight must be a graph constant"), hence the per-call
-            # patch in OptimizedModel.forward.
-            runner = torch.compile(runner, options={"freezing": True, "cpp_wrapper": True})
+            # patch in OptimizedModel.forward. dynamic=False: a new input shape compiles a static graph of its own;
+            # torch's default turns the second shape into a symbolic-shape trace, which took > 20 min for
+            # davit_tiny 224 -> 768 on 2 cores (sympy simplification) and runs slower than static graphs.
+            runner = torch.compile(runner, options={"freezing": True, "cpp_wrapper": True}, dynamic=False)
     fast = OptimizedModel(model, dtype, bool(compile), runner, autocast)
     if compile and device.type == "cpu":
         fast._inductor_options = {"freezing": True}
