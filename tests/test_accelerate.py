@@ -325,16 +325,19 @@ def test_bias_fused_training_linear_matches_f_linear(autocast: bool, onednn_fp32
 
 
 @pytest.mark.skipif(not ONEDNN, reason="oneDNN only")
-@pytest.mark.parametrize("rows", [300, 4000])
-def test_onednn_fp32_gradients_match_autograd(rows: int) -> None:
-    """The oneDNN fp32 training Linear (forward, input gradient, and the weight gradient: oneDNN over few rows, MKL
-    over many), with and without bias, on a non-contiguous incoming gradient, against autograd through F.linear."""
+@pytest.mark.parametrize("rows", [300, 5000])
+@pytest.mark.parametrize("features", [(192, 576), (576, 192)], ids=["widens", "narrows"])
+def test_onednn_fp32_gradients_match_autograd(rows: int, features: tuple[int, int]) -> None:
+    """The oneDNN fp32 training Linear (forward, input gradient, and the weight gradient: oneDNN over few rows or
+    when the Linear narrows, MKL for a widening one over many), with and without bias, on a non-contiguous incoming
+    gradient, against autograd through F.linear."""
     p = _policy("train", True)
+    fin, fout = features
     for bias in (True, False):
-        x = torch.randn(rows, 192, requires_grad=True)
-        w = (torch.randn(576, 192) * 0.1).requires_grad_()
-        b = torch.randn(576, requires_grad=True) if bias else None
-        dy = torch.randn(576, rows).t()  # a transposed (non-contiguous) gradient
+        x = torch.randn(rows, fin, requires_grad=True)
+        w = (torch.randn(fout, fin) * 0.1).requires_grad_()
+        b = torch.randn(fout, requires_grad=True) if bias else None
+        dy = torch.randn(fout, rows).t()  # a transposed (non-contiguous) gradient
         y = linear_t(x, w, b, p)
         y_ref = F.linear(x, w, b)
         torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-4)
