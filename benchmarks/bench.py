@@ -128,14 +128,11 @@ def gemm_peak(quick: bool, threads: int) -> dict[str, float]:
 def _onnx_session(path: str, threads: int) -> Any:
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    # Not spinning (as davit.runtime's sessions): a spinning session's idle threads slowed every other path in this
-    # process (torch paths 25-40%, OpenVINO 20% at 224 batch 1); onnxruntime itself ran no slower without it.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    from davit.runtime import ort_session_options
+
+    # The peer gets the options our sessions use (not spinning: a spinning session's idle threads slowed every other
+    # path in this process, torch 25-40%, OpenVINO 20% at 224 batch 1; onnxruntime itself ran no slower without it).
+    return ort.InferenceSession(path, ort_session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def _export_timm_onnx(model: Any, path: str, size: int = 224) -> None:

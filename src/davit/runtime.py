@@ -87,6 +87,21 @@ def missing_runtime(backend: str) -> str | None:
     return None
 
 
+def ort_session_options(threads: int | None) -> Any:
+    """onnxruntime session options for our graphs: ``threads`` intra-op threads, one inter-op thread, every graph
+    optimisation, and no spinning: onnxruntime's idle intra-op threads otherwise spin after every run and take the
+    cores from whatever runs next in the process (torch pre/post-processing, another model); in the benchmark every
+    torch path ran 25-40% slower and OpenVINO 20% slower beside a spinning session."""
+    ort = _require("onnxruntime")
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
 def _require(name: str) -> Any:
     try:
         return __import__(name)
@@ -309,14 +324,7 @@ def to_runtime(
             if precision == "bf16":
                 log.warning("onnxruntime computes these graphs in float32 only; bf16 was asked, fp32 is used")
                 precision = "fp32"
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = threads
-            # No spinning: onnxruntime's idle intra-op threads otherwise spin after every run and take the cores from
-            # whatever runs next in the process (torch pre/post-processing, another model): in the benchmark every
-            # torch path ran 25-40% slower and OpenVINO 20% slower beside a spinning session.
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            so.inter_op_num_threads = 1
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            so = ort_session_options(threads)
             providers = ["CPUExecutionProvider"]
             if on_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
                 providers.insert(0, "CUDAExecutionProvider")
