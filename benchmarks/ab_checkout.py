@@ -5,7 +5,8 @@
 Each round runs every workload once per tree, in a fresh process each (``PYTHONPATH`` points at the tree's ``src``),
 alternating which tree goes first; the table shows the medians and the ratio B/A of times (< 1: B is faster). The
 allocator is set the same way for both through glibc's environment variables (and ``DAVIT_MALLOC_TUNING=0``, so
-neither tree's code changes it). Workloads: davit_tiny at 224, ``davit.optimize`` inference fp32/bf16 at batch 1 and
+neither tree's code changes it). Workloads: davit_tiny at 224 (a suffix ``-s768`` sets the image size),
+``compiled-*`` for ``optimize(compile=True)``, ``davit.optimize`` inference fp32/bf16 at batch 1 and
 32, and one training step at batch 16 (AdamW fused, cross-entropy; fp32 and bf16 autocast) with the tree's training
 acceleration (``davit.accelerate.install(mode="train")`` where the tree has it; older trees accelerate inside the
 model). Writes ``benchmarks/results/ab-<date>.json``. Like every figure on a shared machine, only the ratio measured
@@ -41,13 +42,13 @@ def _worker(workload: str, reps: int) -> None:
     import davit
 
     torch.set_num_threads(2)
-    kind, dtype, b = workload.split("-")
-    batch = int(b[1:])
+    kind, dtype, b, *rest = workload.split("-")  # e.g. infer-bf16-b1, or infer-bf16-b1-s768 for 768x768
+    batch, size = int(b[1:]), int(rest[0][1:]) if rest else 224
     torch.manual_seed(0)
-    x = torch.randn(batch, 3, 224, 224)
+    x = torch.randn(batch, 3, size, size)
     model = davit.create_model("davit_tiny")
-    if kind == "infer":
-        fast = davit.optimize(model, dtype=torch.bfloat16 if dtype == "bf16" else None)
+    if kind in ("infer", "compiled"):  # compiled: optimize(compile=True), compiled in the warm-up
+        fast = davit.optimize(model, dtype=torch.bfloat16 if dtype == "bf16" else None, compile=kind == "compiled")
 
         def step() -> None:
             fast(x)

@@ -74,12 +74,12 @@ class _OpTimer(TorchDispatchMode):
         return out
 
 
-def _runner(impl: str, mode: str, dtype: str, batch: int) -> Any:
+def _runner(impl: str, mode: str, dtype: str, batch: int, size: int = 224) -> Any:
     """A zero-argument callable running one batch (inference) or one step (training, as ``bench.py`` trains)."""
     if mode == "train":
         return train_setup(impl, "davit_tiny", dtype, batch)[1]
     bf16 = dtype == "bf16"
-    x = torch.randn(batch, 3, 224, 224)
+    x = torch.randn(batch, 3, size, size)
     if impl == "timm":
         import timm
 
@@ -97,7 +97,7 @@ def _runner(impl: str, mode: str, dtype: str, batch: int) -> Any:
 
 
 def profile(impl: str, args: argparse.Namespace) -> dict[str, Any]:
-    run = _runner(impl, args.mode, args.dtype, args.batch)
+    run = _runner(impl, args.mode, args.dtype, args.batch, args.size)
     # --cpu-time: this thread's CPU time instead of wall time. With --threads 1 every op runs on the calling thread,
     # so the figures leave out the time other processes held the core (a shared machine's load), not the op's work.
     clock = time.thread_time if args.cpu_time else time.perf_counter
@@ -131,6 +131,7 @@ def main() -> None:
     p.add_argument("--mode", choices=["train", "infer"], default="train")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--size", type=int, default=224, help="image size (inference only; training runs at 224)")
     p.add_argument("--impl", choices=["both", "ours", "timm"], default="both")
     p.add_argument("--shapes", action="store_true", help="split each op by its first two input shapes")
     p.add_argument("--top", type=int, default=20)
@@ -146,6 +147,7 @@ def main() -> None:
         tune_cpu_allocator()  # both sides: no page faults on freed activations
     impls = ["ours", "timm"] if args.impl == "both" else [args.impl]
     result: dict[str, Any] = {"mode": args.mode, "dtype": args.dtype, "batch": args.batch, "threads": args.threads}
+    result["size"] = args.size
     result["clock"] = "thread CPU time" if args.cpu_time else "wall"
     for impl in impls:
         r = profile(impl, args)
@@ -164,7 +166,8 @@ def main() -> None:
             print(f"{row['op'][:70]:<70} {row['ms']:9.1f} {share:6.1%} {row['calls']:6d} {gfs}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"op-profile-{args.mode}-{args.dtype}-b{args.batch}.json"
+    size = "" if args.size == 224 else f"-s{args.size}"
+    path = out / f"op-profile-{args.mode}-{args.dtype}-b{args.batch}{size}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {path}")
 

@@ -14,9 +14,17 @@ import torch.nn.functional as F
 
 import davit
 from davit.accelerate import Policy, compat, install, installed, uninstall
-from davit.accelerate.kernels import ChannelCore, _bias_fused_training, linear, linear_t, split_heads
+from davit.accelerate.kernels import (
+    ChannelCore,
+    _bias_fused_training,
+    linear,
+    linear_t,
+    prepack_linears,
+    split_heads,
+    window_attend,
+)
 from davit.models import DaViT, DaViTConfig
-from davit.models.davit import ChannelBlock, Downsample
+from davit.models.davit import ChannelBlock, Downsample, window_attention
 
 ONEDNN = compat.onednn_available()
 # The two CPU policies: Intel (MKL fp32 GEMMs) and other vendors (every fp32 training GEMM through oneDNN).
@@ -171,6 +179,58 @@ def test_channel_per_image_path_equals_batched() -> None:
             rtol=1e-5,
             atol=1e-5,
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_window_attend_in_chunks_equals_the_reference(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 13, 3, 49, 32, dtype=dtype).unbind(0)  # 13 windows, 3 heads
+    ref = window_attention(q, k) @ v
+    one_window = 3 * 49 * 49 * q.element_size()
+    for chunk_bytes in (1, one_window, 4 * one_window, 1 << 30):  # 13 chunks, 13, 4 (the last of 1 window), 1
+        out = window_attend(q, k, v, chunk_bytes)
+        assert out.shape == ref.shape and out.dtype == dtype
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)  # the same ops on each window: the same values
+
+
+def test_channel_per_image_inference_rule_and_values() -> None:
+    torch.manual_seed(0)
+    for v2 in (False, True):
+        core, batched = ChannelCore(3, v2, True, (196, 3136, 1568), 196), ChannelCore(3, v2, True, None)
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+            qkv = torch.randn(1, 196, 288, dtype=dtype)  # one image: per image in inference, in both dtypes
+            assert core.per_image(qkv) and not batched.per_image(qkv)
+            assert not core.per_image(torch.empty(1, 49, 288, dtype=dtype))  # 49 tokens: batched is faster
+            assert not core.per_image(qkv.clone().requires_grad_())  # autograd: the training rule (fp32, batch >= 2)
+            torch.testing.assert_close(core.recompute(qkv)[1], batched.recompute(qkv)[1], rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not ONEDNN, reason="oneDNN only")
+@pytest.mark.parametrize("onednn_fp32", CPU_POLICIES)
+def test_optimize_paths_equal_reference_on_large_maps(tiny_cfg: DaViTConfig, onednn_fp32: bool) -> None:
+    """What ``davit.optimize`` adds on the CPU beyond ``install``: window attention in several chunks, channel
+    attention per image (maps of >= 196 tokens), the downsamples as packed Linears over 2x2 patches (odd sizes pad)."""
+    ref = _perturbed(tiny_cfg).eval()
+    policy = _policy("infer", onednn_fp32, window_chunk_bytes=3 * 16 * 16 * 4)  # tiny_cfg stage 1: 1 head, 4x4 windows
+    fast = davit.optimize(ref, policy=policy)
+    downsamples = [m for m in fast._runner.modules() if type(m).__name__ == "FastDownsample"]
+    assert downsamples and all(hasattr(m.conv, "packed_weight") for m in downsamples)
+    for size in ((64, 64), (61, 75)):  # 16x16 = 256 tokens at stage 1; 16x19, padded windows and downsamples
+        x = torch.randn(2, 3, *size)
+        with torch.inference_mode():
+            want = ref(x)
+            assert _rel(fast(x), want) < 1e-5
+            assert _rel(davit.optimize(ref, dtype=torch.bfloat16, policy=policy)(x), want) < 3e-2
+
+
+def test_prepack_gives_downsample_convs_their_patch_weight() -> None:
+    m = Downsample(8, 16, 2, 1e-5)
+    if prepack_linears(m) == 0:
+        pytest.skip("this torch build has no oneDNN weight reorder")
+    assert hasattr(m.conv, "packed_weight")
+    overlapped = Downsample(8, 16, 3, 1e-5)  # 3x3 stride 2 pad 1: stays a conv
+    prepack_linears(overlapped)
+    assert not hasattr(overlapped.conv, "packed_weight")
 
 
 @pytest.mark.parametrize("onednn_fp32", CPU_POLICIES)

@@ -43,8 +43,10 @@ __all__ = [
     "linear",
     "linear_t",
     "ln_mlp",
+    "patch_weight",
     "prepack_linears",
     "split_heads",
+    "window_attend",
 ]
 
 _FLOATS = (torch.float32, torch.bfloat16)
@@ -76,7 +78,8 @@ def linear(x: Tensor, fc: nn.Linear, p: Policy, gelu: bool = False, residual: Te
 
 
 def prepack_linears(model: nn.Module, rows_hint: int = 49) -> int:
-    """Give every ``nn.Linear`` of ``model`` a copy of its weight in oneDNN's blocked layout (``packed_weight``).
+    """Give every ``nn.Linear`` of ``model`` a copy of its weight in oneDNN's blocked layout (``packed_weight``), and
+    every 2x2 stride-2 ``nn.Conv2d`` (DaViT's downsamples) its weight as a packed Linear over 2x2 patches.
 
     Without it oneDNN re-lays-out the weight on every call: packed, the Linears of a batch-1 forward are 20-30%
     faster in bf16 and 10-18% in fp32, with bit-identical results. The packed copy is a snapshot: only for a model
@@ -87,12 +90,25 @@ def prepack_linears(model: nn.Module, rows_hint: int = 49) -> int:
         return n
     for m in model.modules():
         if isinstance(m, nn.Linear) and m.weight.is_cpu and m.weight.dtype in _FLOATS:
-            packed = compat.reorder_linear_weight(m.weight.detach(), rows_hint)
-            if packed is None:
-                return n
-            m.packed_weight = packed
-            n += 1
+            w = m.weight.detach()
+        elif isinstance(m, nn.Conv2d) and m.kernel_size == (2, 2) and m.stride == (2, 2) and m.padding == (0, 0):
+            # A Downsample's 2x2 stride-2 conv, run by FastDownsample as a Linear over 2x2 patches.
+            if m.groups != 1 or m.dilation != (1, 1) or not m.weight.is_cpu or m.weight.dtype not in _FLOATS:
+                continue
+            w = patch_weight(m).detach()
+        else:
+            continue
+        packed = compat.reorder_linear_weight(w, rows_hint)
+        if packed is None:
+            return n
+        m.packed_weight = packed
+        n += 1
     return n
+
+
+def patch_weight(conv: nn.Conv2d) -> Tensor:
+    """A 2x2 conv's weight as the ``(Cout, 2*2*Cin)`` matrix of a Linear over ``(kh, kw, Cin)``-ordered patches."""
+    return conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
 
 
 def linear_t(
@@ -232,6 +248,27 @@ def split_heads(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
         return _SplitHeads.apply(qkv, heads)
     B, N, C3 = qkv.shape
     return qkv.view(B, N, 3, heads, C3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def window_attend(q: Tensor, k: Tensor, v: Tensor, chunk_bytes: int) -> Tensor:
+    """Inference window attention ``softmax(q k^T / sqrt(d)) v`` as the reference computes it (same ops, same
+    values), over chunks of windows whose attention maps fit in ``chunk_bytes`` (cache-sized), each chunk's result
+    written straight into one ``(Bw, h, N, d)`` output.
+
+    On the CPU this beats the fused SDPA kernel on DaViT's 49-token windows in fp32 and bf16 (its per-window tiling
+    has little to tile; 224 batch 1: 1.4 -> 0.7 ms at stage 1; 768 batch 1 bf16: 16 -> 11.5 ms), and chunking keeps
+    the probabilities in cache on large maps (fp32, 2048 windows x 3 heads: 118 ms unchunked, 37 ms in 1 MiB
+    chunks): ``benchmarks/attention.py --infer``.
+    """
+    Bw, h, N, d = q.shape
+    step = max(1, chunk_bytes // max(1, h * N * N * q.element_size()))
+    if step >= Bw:
+        return window_attention(q, k) @ v
+    out = q.new_empty(Bw, h, N, d)
+    for i in range(0, Bw, step):
+        j = min(Bw, i + step)
+        torch.matmul(window_attention(q[i:j], k[i:j]), v[i:j], out=out[i:j])
+    return out
 
 
 class _SplitHeads(torch.autograd.Function):
@@ -505,10 +542,16 @@ class ChannelCore:
     """
 
     def __init__(
-        self, num_groups: int, v2: bool, dynamic_scale: bool, per_image_limits: tuple[int, int, int] | None = None
+        self,
+        num_groups: int,
+        v2: bool,
+        dynamic_scale: bool,
+        per_image_limits: tuple[int, int, int] | None = None,
+        infer_min_tokens: int | None = None,
     ) -> None:
         self.groups, self.v2, self.dynamic_scale = num_groups, v2, dynamic_scale
         self.limits = per_image_limits  # None: always the batched form (compile mode, CUDA)
+        self.infer_min_tokens = infer_min_tokens  # without autograd: per image from this many tokens, fp32 and bf16
 
     def tokens(self, x: Tensor) -> Tensor:
         B, H, W, C = x.shape
@@ -527,11 +570,13 @@ class ChannelCore:
 
     def per_image(self, qkv: Tensor) -> bool:
         """Whether :meth:`recompute` and :meth:`attend_backward` loop over the images (see the notes above)."""
-        if self.limits is None or qkv.dtype != torch.float32 or not qkv.is_cpu:
+        if self.limits is None or not qkv.is_cpu or qkv.dtype not in _FLOATS:
             return False
-        lo, hi, rows = self.limits
         B, N, _ = qkv.shape
-        return B >= 2 and lo <= N <= hi and B * N >= rows
+        if self.infer_min_tokens is not None and not (qkv.requires_grad and torch.is_grad_enabled()):
+            return N >= self.infer_min_tokens
+        lo, hi, rows = self.limits
+        return qkv.dtype == torch.float32 and B >= 2 and lo <= N <= hi and B * N >= rows
 
     def attend(self, qkv: Tensor) -> Tensor:
         return self.recompute(qkv)[1]

@@ -46,7 +46,9 @@ from .kernels import (
     dwconv_residual,
     linear,
     ln_mlp,
+    patch_weight,
     split_heads,
+    window_attend,
 )
 from .policy import Policy, accelerate_enabled
 
@@ -144,8 +146,9 @@ class _FastBlock:
 
 
 class FastSpatialBlock(_FastBlock, SpatialBlock):
-    """Window attention through SDPA for inference, explicit attention for CPU training (on 49-token windows the
-    explicit softmax(QK^T)V trains 1.0-1.25x (fp32) and ~6x (bf16) faster than SDPA: ``benchmarks/attention.py``)."""
+    """Window attention on the CPU as the explicit softmax(QK^T)V: for training (on 49-token windows it trains
+    1.0-1.25x (fp32) and ~6x (bf16) faster than SDPA: ``benchmarks/attention.py``) and for inference, in cache-sized
+    chunks of windows (:func:`~davit.accelerate.kernels.window_attend`); SDPA elsewhere (CUDA)."""
 
     def _core(self) -> WindowCore:
         return WindowCore(self.window_size, self.attn.num_heads)
@@ -155,6 +158,8 @@ class FastSpatialBlock(_FastBlock, SpatialBlock):
         q, k, v = split_heads(linear(x, a.qkv, p), a.num_heads)  # each (Bw, h, N, d)
         if p.mode == "train" and x.is_cpu and _records_grad(x, a.qkv.weight):
             out = window_attention(q, k) @ v
+        elif x.is_cpu and not _records_grad(x, a.qkv.weight):
+            out = window_attend(q, k, v, p.window_chunk_bytes)
         else:
             out = F.scaled_dot_product_attention(q, k, v)  # scale d**-0.5, as the official code
         return linear(merge_heads(out), a.proj, p)  # (Bw, N, C)
@@ -175,20 +180,22 @@ class FastSpatialBlock(_FastBlock, SpatialBlock):
 
 
 class FastChannelBlock(_FastBlock, ChannelBlock):
-    """Channel attention: one image at a time on large fp32 CPU maps (strided GEMMs, no copies), the batched form
+    """Channel attention: one image at a time on large CPU maps (strided GEMMs, no copies; in inference from 196
+    tokens in fp32 and bf16, in training on fp32 maps within ``Policy.channel_per_image``), the batched form
     otherwise; projection input handed over contiguous (on the transposed view torch.compile lowered the Linear to a
     batched GEMM that copied the weight on every call: bf16 compiled batch 32 -8%)."""
 
     def _core(self) -> ChannelCore:
         p = self._policy
         limits = p.channel_per_image if (p.device_type == "cpu" and p.mode != "compile") else None
-        return ChannelCore(self.attn.num_groups, self.attn.v2, self.attn.dynamic_scale, limits)
+        infer = p.channel_per_image_infer if limits is not None else None
+        return ChannelCore(self.attn.num_groups, self.attn.v2, self.attn.dynamic_scale, limits, infer)
 
     def fast_mix(self, x: Tensor, residual: Tensor | None) -> Tensor:
         a, p = self.attn, self._policy
         B, H, W, C = x.shape
         qkv = linear(x.reshape(B, H * W, C), a.qkv, p)  # (B, N, 3C)
-        out = channel_attend(qkv, self._core())  # fp32 CPU on large maps: per image; None where batched is faster
+        out = channel_attend(qkv, self._core())  # CPU, large maps: per image; None where batched is faster
         if out is None:
             q, k, v = split_heads(qkv, a.num_groups)  # each (B, G, N, Cg)
             attn, value = channel_attention(q, k, v, a.v2, a.dynamic_scale)  # (B, G, Cg, Cg), (B, G, N, Cg)
@@ -198,20 +205,29 @@ class FastChannelBlock(_FastBlock, ChannelBlock):
 
 
 class FastDownsample(Downsample):
-    """Training: the 2x2 stride-2 conv as one Linear over 2x2 patches (same sums, another order); under autograd its
-    forward + backward is 20-40% faster than the conv's from stage 2 on (fp32 and bf16)."""
+    """The 2x2 stride-2 conv as one Linear over 2x2 patches (same sums, another order). Training: under autograd its
+    forward + backward is 20-40% faster than the conv's from stage 2 on (fp32 and bf16). CPU inference
+    (``davit.optimize``): through oneDNN with the patch weight pre-packed (``conv.packed_weight``, set by
+    :func:`~davit.accelerate.kernels.prepack_linears`); the conv re-laid its weight out to channels-last on every
+    call (davit_tiny 224 batch 1: ~0.7 ms of copying at stage 4 alone in bf16)."""
 
     _policy: Policy
 
     def forward(self, x: Tensor) -> Tensor:
         conv = self.conv
-        if self._policy.mode != "train" or conv.kernel_size != (2, 2) or not _records_grad(x, conv.weight):
+        if conv.kernel_size != (2, 2):
+            return super().forward(x)
+        train = self._policy.mode == "train" and _records_grad(x, conv.weight)
+        packed = getattr(conv, "packed_weight", None)
+        infer = packed is not None and packed.dtype == x.dtype and not torch.is_autocast_enabled("cpu")
+        if not (train or (infer and self._policy.mode == "infer" and x.is_cpu and not _records_grad(x, conv.weight))):
             return super().forward(x)
         x = pad_to_multiple(self.norm(x), 2)
         B, H, W, C = x.shape
         patches = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H // 2, W // 2, 4 * C)
-        w = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, 4 * C)  # (Cout, kh, kw, Cin)
-        return F.linear(patches, w, conv.bias)  # (B, H/2, W/2, Cout)
+        if not train:
+            return compat.linear_pointwise(patches, packed, conv.bias)
+        return F.linear(patches, patch_weight(conv), conv.bias)  # (B, H/2, W/2, Cout)
 
 
 _FAST: dict[type, type] = {

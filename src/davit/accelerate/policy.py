@@ -49,6 +49,11 @@ class Policy:
             4096 takes davit_tiny's stage 3 at batch 16 (3136 rows: 1.3-1.6x faster than MKL on an AMD EPYC).
         channel_per_image: (min tokens, max tokens, min batch x tokens) for fp32 CPU channel attention one image at a
             time (strided MKL GEMMs with no copies; 28.7 -> 5.9 ms at batch 16 x 3136 tokens x 96 channels).
+        channel_per_image_infer: CPU inference (no autograd), fp32 and bf16: channel attention one image at a time on
+            maps of at least this many tokens (1.3-4x faster than the batched matmuls at 196-50176 tokens, batch 1-32;
+            on 49-token maps the batched form is faster at batch 32).
+        window_chunk_bytes: CPU inference window attention runs over chunks of windows whose attention maps take at
+            most this many bytes (1 MiB: fastest of 256 KiB-4 MiB for fp32, within 5% of the best for bf16).
     """
 
     mode: str = "infer"
@@ -61,6 +66,8 @@ class Policy:
     bias_fused_min_rows: int = 8192
     onednn_dw_max_rows: int = 4096
     channel_per_image: tuple[int, int, int] = (196, 3136, 1568)
+    channel_per_image_infer: int = 196
+    window_chunk_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
