@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import davit
+import davit.aoti
 import davit.runtime
 from davit.cli import main
 from davit.data import ClsDataConfig
@@ -120,6 +121,10 @@ def test_auto_is_torch_unless_a_package_is_cached(monkeypatch: pytest.MonkeyPatc
     assert davit.runtime.default_backend(model, x) == "aoti"
     assert davit.runtime.default_backend(model, torch.zeros(2, 3, 32, 32)) == "torch"  # another shape
     assert davit.runtime.default_backend(model, x, "bf16") == "torch"  # another dtype
+    with monkeypatch.context() as m:
+        m.setattr(davit.aoti, "_code_hash", lambda: "another davit")
+        assert davit.runtime.default_backend(model, x) == "torch"  # another davit's code: another key
+    assert davit.runtime.default_backend(model, x) == "aoti"
     with torch.no_grad():
         model.head.fc.bias.add_(1)
     assert davit.runtime.default_backend(model, x) == "torch"  # other weights: another key
@@ -137,6 +142,23 @@ def test_aoti_package_is_built_once_and_equals_the_reference(monkeypatch: pytest
         for xx in (x, torch.randn(2, 3, 32, 32), torch.randn(1, 3, 40, 24)):  # the last: another shape, eager path
             torch.testing.assert_close(fast(xx), model(xx), rtol=1e-4, atol=1e-5)
     assert davit.runtime.default_backend(model, x) == "aoti"
+
+    # optimize(backend="auto") times the cached package beside torch (OpenVINO left out here: see test_runtime.py).
+    timed: dict = {}
+
+    def spy(candidates: dict, example: torch.Tensor, **kw: object) -> tuple:
+        timed.update(candidates)
+        return "aoti", {}
+
+    def no_openvino(*a: object, **kw: object) -> None:
+        raise ImportError("openvino")
+
+    monkeypatch.setattr(davit.runtime, "fastest", spy)
+    monkeypatch.setattr(davit.runtime, "to_runtime", no_openvino)
+    auto = davit.optimize(model, example_input=x, backend="auto")
+    assert sorted(timed) == ["aoti", "torch"] and auto is timed["aoti"] and not auto.built
+    with torch.no_grad():
+        torch.testing.assert_close(auto(x), model(x), rtol=1e-4, atol=1e-5)
 
     # A second process finds the package and only loads it.
     torch.save({"sd": model.state_dict(), "x": x}, tmp_path / "m.pt")

@@ -12,13 +12,15 @@ weights frozen into the package (constant folding, oneDNN pre-packing).
 
 Each package holds one static input shape ``(batch, channels, H, W)`` and one dtype; it is cached under
 ``$DAVIT_CACHE/aoti`` (default ``~/.cache/davit/aoti``) by a key over everything that makes the code valid: torch's
-version, the CPU model (the generated code targets its instruction set), the weights (a hash of the state dict), the
-shape, the dtype and the acceleration policy. Calling with another shape runs the eager fast path
-(:func:`davit.optimize`'s) for that call, never a compile mid-call: build a package per shape you serve.
+version, davit's model and kernel code (a hash of its source), the CPU model (the generated code targets its
+instruction set), the weights (a hash of the state dict), the shape, the dtype and the acceleration policy. Calling
+with another shape runs the eager fast path (:func:`davit.optimize`'s) for that call, never a compile mid-call:
+build a package per shape you serve.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -53,6 +55,19 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.lru_cache(maxsize=1)
+def _code_hash() -> str:
+    """A hash of the code a package bakes in (the model and its fast kernels): a package built by another version
+    of davit is never loaded, it is rebuilt."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for sub in ("models", "accelerate"):
+        for f in sorted((root / sub).glob("*.py")):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _weights_hash(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
@@ -67,7 +82,15 @@ def aoti_package_path(
 ) -> Path:
     """The package file for ``model`` at input ``shape`` in ``dtype`` under ``policy`` (it may not exist yet)."""
     key = "|".join(
-        [torch.__version__, _cpu_model(), _weights_hash(model), "x".join(map(str, shape)), str(dtype), repr(policy)]
+        [
+            torch.__version__,
+            _code_hash(),
+            _cpu_model(),
+            _weights_hash(model),
+            "x".join(map(str, shape)),
+            str(dtype),
+            repr(policy),
+        ]
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     name = type(model).__name__

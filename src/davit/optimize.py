@@ -6,9 +6,11 @@ side by side with timm on any machine):
 - ``optimize`` runs a copy of the model (the caller's model stays the reference, untouched) with
   :mod:`davit.accelerate` installed: on the CPU, bias, GELU and residual additions fused into the Linear GEMMs and
   the depthwise position-encoding convs (oneDNN epilogues: no bias-broadcast copies, no separate GELU/add passes),
-  SDPA window attention, the per-image channel attention on large fp32 maps; without autograd
-  (``torch.inference_mode``). On CPU without compile the copy's Linear weights are pre-packed in oneDNN's blocked
-  layout (no per-call weight re-layout: batch-1 Linears 10-30% faster, bit-identical outputs); like compile's weight
+  window attention as the explicit softmax(QK^T)V in cache-sized chunks of windows (faster than SDPA on 49-token
+  windows), channel attention one image at a time on maps of >= 196 tokens (strided GEMMs, no copies); without
+  autograd (``torch.inference_mode``). On CPU without compile the copy's Linear weights, and its 2x2 downsample convs
+  as Linears over 2x2 patches, are pre-packed in oneDNN's blocked layout (no per-call weight re-layout: batch-1
+  Linears 10-30% faster, bit-identical outputs); like compile's weight
   freezing this is a snapshot, so call ``optimize`` again after changing the weights. ``accelerate=False`` (or
   ``DAVIT_ACCELERATE=0``) runs the reference modules instead.
 - bfloat16 (``dtype=torch.bfloat16``, only where the hardware has it natively: AVX512-BF16/AMX on CPU, CUDA compute
@@ -130,12 +132,13 @@ def optimize(
         accelerate: install :mod:`davit.accelerate` on the copy (False, or ``DAVIT_ACCELERATE=0``: the reference).
         policy: the acceleration policy (default: detected for the device, mode "infer" or "compile").
         backend: ``"torch"`` (this module's path), ``"aoti"`` (the ``compile=True`` graph built once by
-            AOTInductor into a package cached per (weights, shape, dtype, torch version, CPU) and loaded in ~0.2 s by
-            later processes, :func:`davit.aoti.aoti_model`; needs ``example_input``; CPU), ``"openvino"`` or
-            ``"onnxruntime"`` (the model converted once to
-            that runtime, :func:`davit.runtime.to_runtime`; same float32 outputs), or ``"auto"``: with an
-            ``example_input``, times torch and OpenVINO on it (a few calls each, :func:`davit.runtime.fastest`) and
-            returns the faster for that shape; without one, torch.
+            AOTInductor into a package cached per (weights, shape, dtype, torch and davit code, CPU) and loaded in
+            ~0.2 s by later processes, :func:`davit.aoti.aoti_model`; needs ``example_input``; CPU), ``"openvino"``
+            or ``"onnxruntime"`` (the model converted once to that runtime, :func:`davit.runtime.to_runtime`; same
+            float32 outputs), or ``"auto"``: with an ``example_input``, times torch, OpenVINO (when installed) and
+            the aoti package (when one is cached for that shape and dtype: nothing is compiled implicitly) on it (a
+            few calls each, :func:`davit.runtime.fastest`) and returns the fastest for that shape; without one,
+            torch.
 
     Returns:
         An :class:`OptimizedModel`: ``out = fast(x)`` gives float32 outputs (logits, or the list of feature maps).
@@ -220,12 +223,16 @@ def _other_backend(
     fast = optimize(model, example_input=x, dtype=dtype, compile=compile, accelerate=accelerate, policy=policy)
     if x is None or next(model.parameters()).device.type != "cpu":
         return fast
-    try:
-        ov = runtime.to_runtime(model, "openvino", dtype=dtype, example_input=x)
-    except ImportError:
+    candidates = {"torch": fast}
+    if accelerate_enabled(accelerate) and runtime.default_backend(model, x, dtype) == "aoti":
+        # A package for this shape is cached (nothing is compiled implicitly): loading it takes ~0.2-2 s.
+        candidates["aoti"] = optimize(model, example_input=x, dtype=dtype, backend="aoti")
+    with contextlib.suppress(ImportError):
+        candidates["openvino"] = runtime.to_runtime(model, "openvino", dtype=dtype, example_input=x)
+    if len(candidates) == 1:
         return fast
-    best, _ = runtime.fastest({"torch": fast, "openvino": ov}, x)
-    return fast if best == "torch" else ov
+    best, _ = runtime.fastest(candidates, x)
+    return candidates[best]
 
 
 def _check(fast: OptimizedModel, model: nn.Module, x: Tensor) -> None:
