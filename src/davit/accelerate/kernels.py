@@ -43,6 +43,7 @@ __all__ = [
     "linear",
     "linear_t",
     "ln_mlp",
+    "packed_weight",
     "patch_weight",
     "prepack_linears",
     "split_heads",
@@ -66,15 +67,19 @@ def linear(x: Tensor, fc: nn.Linear, p: Policy, gelu: bool = False, residual: Te
         if _compiled_onednn(x, fc.weight, p):
             return _onednn_linear_2d(x, fc.weight, fc.bias, gelu, residual)
         return _plain(F.linear(x, fc.weight, fc.bias), gelu, residual)
-    packed = getattr(fc, "packed_weight", None)
-    if (
-        packed is not None
-        and x.dtype == packed.dtype
-        and _infer_onednn(x, fc.weight, p)
-        and not torch.is_autocast_enabled("cpu")
-    ):
+    packed = packed_weight(fc, x, p)
+    if packed is not None:
         return _onednn_linear(x, packed, fc.bias, gelu, residual)
     return linear_t(x, fc.weight, fc.bias, p, gelu, residual)
+
+
+def packed_weight(m: nn.Module, x: Tensor, p: Policy) -> Tensor | None:
+    """``m.packed_weight`` (set by :func:`prepack_linears`) where this call may use it: inference policy with oneDNN,
+    CPU, ``x`` in the packed dtype, no autocast; else None."""
+    packed = getattr(m, "packed_weight", None)
+    if packed is None or x.dtype != packed.dtype or not _infer_onednn(x, packed, p):
+        return None
+    return None if torch.is_autocast_enabled("cpu") else packed
 
 
 def prepack_linears(model: nn.Module, rows_hint: int = 49) -> int:
@@ -256,9 +261,9 @@ def window_attend(q: Tensor, k: Tensor, v: Tensor, chunk_bytes: int) -> Tensor:
     written straight into one ``(Bw, h, N, d)`` output.
 
     On the CPU this beats the fused SDPA kernel on DaViT's 49-token windows in fp32 and bf16 (its per-window tiling
-    has little to tile; 224 batch 1: 1.4 -> 0.7 ms at stage 1; 768 batch 1 bf16: 16 -> 11.5 ms), and chunking keeps
-    the probabilities in cache on large maps (fp32, 2048 windows x 3 heads: 118 ms unchunked, 37 ms in 1 MiB
-    chunks): ``benchmarks/attention.py --infer``.
+    has little to tile; ``python benchmarks/attention.py --infer --batch 1 --size 768``: 1.4-1.7x per stage), and
+    chunking keeps the probabilities in cache on large maps (fp32, 2048 windows x 3 heads: 118 ms unchunked, 37 ms
+    in 1 MiB chunks).
     """
     Bw, h, N, d = q.shape
     step = max(1, chunk_bytes // max(1, h * N * N * q.element_size()))

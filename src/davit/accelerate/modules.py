@@ -46,6 +46,7 @@ from .kernels import (
     dwconv_residual,
     linear,
     ln_mlp,
+    packed_weight,
     patch_weight,
     split_heads,
     window_attend,
@@ -214,20 +215,23 @@ class FastDownsample(Downsample):
     _policy: Policy
 
     def forward(self, x: Tensor) -> Tensor:
-        conv = self.conv
+        conv, p = self.conv, self._policy
         if conv.kernel_size != (2, 2):
             return super().forward(x)
-        train = self._policy.mode == "train" and _records_grad(x, conv.weight)
-        packed = getattr(conv, "packed_weight", None)
-        infer = packed is not None and packed.dtype == x.dtype and not torch.is_autocast_enabled("cpu")
-        if not (train or (infer and self._policy.mode == "infer" and x.is_cpu and not _records_grad(x, conv.weight))):
+        if _records_grad(x, conv.weight):
+            if p.mode != "train":
+                return super().forward(x)
+            return F.linear(self._patches(x), patch_weight(conv), conv.bias)  # (B, H/2, W/2, Cout)
+        packed = packed_weight(conv, x, p)
+        if packed is None:
             return super().forward(x)
+        return compat.linear_pointwise(self._patches(x), packed, conv.bias)
+
+    def _patches(self, x: Tensor) -> Tensor:
+        """The normalised, padded map as ``(B, H/2, W/2, 2*2*C)`` patches in ``(kh, kw, C)`` order."""
         x = pad_to_multiple(self.norm(x), 2)
         B, H, W, C = x.shape
-        patches = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H // 2, W // 2, 4 * C)
-        if not train:
-            return compat.linear_pointwise(patches, packed, conv.bias)
-        return F.linear(patches, patch_weight(conv), conv.bias)  # (B, H/2, W/2, Cout)
+        return x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H // 2, W // 2, 4 * C)
 
 
 _FAST: dict[type, type] = {
